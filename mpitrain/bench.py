@@ -1,0 +1,229 @@
+"""`mpitrain bench step|allreduce`: speed measured against baselines in the same run.
+
+Timings are the slowest rank's (MAX over ranks), variants run in interleaved rounds and
+the median round is reported, so a noisy neighbour hurts all variants alike.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+import statistics
+import time
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from .comm import buffers
+from .comm.collectives import GradBuckets
+from .sync.base import broadcast_model
+
+
+def _parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(s[-1:], 1)
+    return int(float(s[:-1] if s[-1:] in "KMG" else s) * mult)
+
+
+def _header(world, what: str, threads: int) -> None:
+    if world.is_root:
+        print(f"# mpitrain bench {what}: {world.size} ranks x {threads} threads, "
+              f"{platform.processor() or platform.machine()}, {date.today()}, "
+              f"{MPI.Get_library_version().splitlines()[0].strip()}, torch {torch.__version__}")
+
+
+def _mlp(features: int, hidden: list[int]) -> nn.Module:
+    layers, w = [], features
+    for h in hidden:
+        layers += [nn.Linear(w, h), nn.ReLU()]
+        w = h
+    return nn.Sequential(*layers, nn.Linear(w, 10))
+
+
+class _Variant:
+    """One way of doing a data-parallel step; `run(n)` does n steps."""
+
+    def __init__(self, name, model, step_fn, close=lambda: None):
+        self.name, self.model, self.step_fn, self.close = name, model, step_fn, close
+
+
+def step(args, world, log) -> None:
+    """Collective: ms/step of compute-only, mpitrain sync (3 overlap modes), naive flat
+    allreduce after backward, and torch DDP with gloo, same model and data."""
+    from .train import configure_threads
+    from .config import Config, TrainCfg
+
+    threads = configure_threads(Config(train=TrainCfg(threads=0)), world)
+    hidden = [int(h) for h in args.hidden.split(",")]
+    torch.manual_seed(0)
+    base = _mlp(args.features, hidden)
+    g = torch.Generator().manual_seed(1 + world.rank)
+    x = torch.randn(args.batch, args.features, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    n_params = sum(p.numel() for p in base.parameters())
+    _header(world, "step", threads)
+    if world.is_root:
+        print(f"# MLP {args.features}-{'-'.join(map(str, hidden))}-10: {n_params:,} params "
+              f"({n_params * 4 / 2**20:.1f} MB of fp32 grads), batch {args.batch}/rank, "
+              f"{args.steps} steps x {args.repeats} rounds, buckets {args.bucket_mb} MB")
+
+    def fresh():
+        m = _mlp(args.features, hidden)
+        m.load_state_dict(base.state_dict())
+        return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+    variants = []
+
+    # compute only: the bound for perfect overlap (same per-rank batch, same cores)
+    m, opt = fresh()
+
+    def local(m=m, opt=opt):
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    variants.append(_Variant("compute only (no comm)", m, local))
+
+    for overlap in ("thread", "nonblocking", "none"):
+        m, opt = fresh()
+        broadcast_model(m, world)
+        bk = GradBuckets(m.parameters(), world.comm, bucket_bytes=int(args.bucket_mb * 2**20),
+                         first_bucket_bytes=2**20, overlap=overlap)
+
+        def mp(m=m, opt=opt, bk=bk):
+            bk.zero_()
+            F.cross_entropy(m(x), y).backward()
+            bk.finish()
+            opt.step()
+        variants.append(_Variant(f"mpitrain sync ({overlap})", m, mp, bk.close))
+
+    m, opt = fresh()
+
+    def naive(m=m, opt=opt):
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(m(x), y).backward()
+        grads = [p.grad for p in m.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        world.comm.Allreduce(MPI.IN_PLACE, buffers.host_buffer(flat), op=MPI.SUM)
+        flat.div_(world.size)
+        off = 0
+        for g_ in grads:
+            g_.copy_(flat[off:off + g_.numel()].view_as(g_))
+            off += g_.numel()
+        opt.step()
+    variants.append(_Variant("naive flat allreduce", m, naive))
+
+    ddp_pg = None
+    if not args.no_ddp:
+        ddp_pg = _init_gloo(world)
+        m, _ = fresh()
+        ddp = torch.nn.parallel.DistributedDataParallel(m, bucket_cap_mb=args.bucket_mb)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+
+        def ddp_step(ddp=ddp, opt=opt):
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        variants.append(_Variant("torch DDP (gloo)", ddp, ddp_step))
+
+    rounds = {v.name: [] for v in variants}
+    for r in range(args.repeats):
+        for v in variants:
+            for _ in range(args.warmup if r == 0 else 1):
+                v.step_fn()
+            world.comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                v.step_fn()
+            dt = world.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            rounds[v.name].append(dt / args.steps * 1e3)
+    ms = {k: statistics.median(v) for k, v in rounds.items()}
+    # all variants must have computed the same parameters (compute-only excepted)
+    ref = variants[1].model
+    same = {v.name: all(torch.equal(a, b) for a, b in zip(ref.parameters(), v.model.parameters()))
+            for v in variants[2:] if "DDP" not in v.name}
+    for v in variants:
+        v.close()
+    if ddp_pg is not None:
+        torch.distributed.destroy_process_group()
+    if world.is_root:
+        bound = ms["compute only (no comm)"]
+        ddp_ms = ms.get("torch DDP (gloo)")
+        print(f"{'variant':28s} {'ms/step':>9s} {'min':>8s} {'max':>8s} {'/compute':>9s} {'/DDP':>7s}")
+        for name, v in ms.items():
+            print(f"{name:28s} {v:9.2f} {min(rounds[name]):8.2f} {max(rounds[name]):8.2f} "
+                  f"{v / bound:9.2f} " + (f"{v / ddp_ms:7.2f}" if ddp_ms else "      -"))
+        print("# identical parameters to mpitrain sync (thread) after all steps: "
+              + ", ".join(f"{k}: {'yes' if s else 'NO'}" for k, s in same.items()))
+
+
+def _init_gloo(world):
+    import torch.distributed as dist
+
+    if world.is_root:
+        s = socket.socket()
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+        s.close()
+        same_node = world.local_size == world.size
+        addr = "127.0.0.1" if same_node else socket.gethostbyname(socket.gethostname())
+    else:
+        addr, port = None, None
+    addr, port = world.comm.bcast((addr, port), root=0)
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=world.rank,
+                            world_size=world.size)
+    return True
+
+
+def allreduce(args, world, log) -> None:
+    """Collective: algbw and busbw of raw MPI.Allreduce and of the bucketed gradient path."""
+    from .train import configure_threads
+    from .config import Config, TrainCfg
+
+    threads = configure_threads(Config(train=TrainCfg(threads=0)), world)
+    _header(world, "allreduce", threads)
+    n = world.size
+    if world.is_root:
+        print(f"{'bytes':>10s} {'raw ms':>9s} {'raw algbw':>10s} {'raw busbw':>10s} "
+              f"{'bucket ms':>10s} {'bkt algbw':>10s} {'bkt busbw':>10s} {'bkt/raw':>8s}   (GB/s)")
+    for size in [_parse_size(s) for s in args.sizes.split(",")]:
+        count = max(1, size // 4)
+        buf = torch.ones(count)
+        # the bucketed path on 8 "parameters" of the same total size
+        pieces = [nn.Parameter(torch.zeros(c)) for c in _split(count, 8)]
+        bk = GradBuckets(pieces, world.comm, bucket_bytes=int(args.bucket_mb * 2**20),
+                         first_bucket_bytes=2**20, overlap="thread")
+
+        def raw():
+            world.comm.Allreduce(MPI.IN_PLACE, buffers.host_buffer(buf), op=MPI.SUM)
+
+        def bucketed():
+            for p in reversed(pieces):
+                bk.grad_ready(p)
+            bk.finish()
+        t = {}
+        for name, fn in (("raw", raw), ("bucketed", bucketed)):
+            fn()
+            times = []
+            for _ in range(3):
+                world.comm.Barrier()
+                t0 = time.perf_counter()
+                for _ in range(args.iters):
+                    fn()
+                times.append(world.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX) / args.iters)
+            t[name] = statistics.median(times)
+        bk.close()
+        if world.is_root:
+            nbytes = count * 4
+            alg = {k: nbytes / v / 1e9 for k, v in t.items()}
+            bus = {k: a * 2 * (n - 1) / n for k, a in alg.items()}
+            print(f"{nbytes:10d} {t['raw'] * 1e3:9.3f} {alg['raw']:10.3f} {bus['raw']:10.3f} "
+                  f"{t['bucketed'] * 1e3:10.3f} {alg['bucketed']:10.3f} {bus['bucketed']:10.3f} "
+                  f"{alg['bucketed'] / alg['raw']:8.2f}")
+
+
+def _split(n: int, k: int) -> list[int]:
+    base, extra = divmod(n, k)
+    return [c for c in [base + (1 if i < extra else 0) for i in range(k)] if c > 0]

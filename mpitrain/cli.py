@@ -1,0 +1,137 @@
+"""Command line: `python -m mpitrain {train,data,bench} ...` (every rank runs the same)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .errors import EXIT_USAGE, AgreedError, UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mpitrain",
+        description="Data-parallel PyTorch training over MPI. Launch every rank with: "
+                    "mpiexec -n N python -m mpi4py -m mpitrain train JOB.toml",
+        epilog=f"Exit codes: 0 ok, {EXIT_USAGE} bad input (one line on stderr), 1 internal error.")
+    p.add_argument("--version", action="version", version=f"mpitrain {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a job (TOML file in jobs/)")
+    t.add_argument("job", help="job file, e.g. jobs/digits.toml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.epochs=2")
+
+    c = sub.add_parser("config", help="print the resolved config of a job (validates it)")
+    c.add_argument("job")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    d = sub.add_parser("data", help="prepare data sets as HDF5").add_subparsers(dest="what", required=True)
+    dg = d.add_parser("digits", help="scikit-learn's bundled UCI digits -> data/digits/digits.h5")
+    dg.add_argument("--out", default="data/digits/digits.h5")
+    dg.add_argument("--test-fraction", type=float, default=0.2)
+    dg.add_argument("--seed", type=int, default=0)
+    ds = d.add_parser("synthetic", help="teacher-network data of any size, written in parallel (mpio)")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--samples", type=int, default=100_000)
+    ds.add_argument("--test-samples", type=int, default=10_000)
+    ds.add_argument("--features", type=int, default=784)
+    ds.add_argument("--classes", type=int, default=10)
+    ds.add_argument("--hidden", type=int, default=64)
+    ds.add_argument("--seed", type=int, default=0)
+    dc = d.add_parser("convert", help="a .npz with input and label arrays -> HDF5")
+    dc.add_argument("src")
+    dc.add_argument("out")
+    dc.add_argument("--x", default="x", help="name of the input array in the .npz")
+    dc.add_argument("--y", default="y", help="name of the label array in the .npz")
+    dc.add_argument("--test-fraction", type=float, default=0.0)
+    dc.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("bench", help="benchmarks that print ratios against an in-run baseline")
+    bs = b.add_subparsers(dest="what", required=True)
+    bstep = bs.add_parser("step", help="ms/step: compute-only, mpitrain sync, DDP-gloo, naive allreduce")
+    bstep.add_argument("--hidden", default="1024,1024,1024,1024", help="MLP widths (comma-separated)")
+    bstep.add_argument("--features", type=int, default=784)
+    bstep.add_argument("--batch", type=int, default=64, help="per-rank batch")
+    bstep.add_argument("--steps", type=int, default=30)
+    bstep.add_argument("--warmup", type=int, default=5)
+    bstep.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
+    bstep.add_argument("--bucket-mb", type=float, default=25.0)
+    bstep.add_argument("--no-ddp", action="store_true", help="skip the torch DDP-gloo baseline")
+    ba = bs.add_parser("allreduce", help="algbw/busbw of raw MPI.Allreduce vs the bucketed path")
+    ba.add_argument("--sizes", default="4K,64K,1M,4M,16M,64M", help="message sizes in bytes (K/M suffixes)")
+    ba.add_argument("--iters", type=int, default=10)
+    ba.add_argument("--bucket-mb", type=float, default=25.0)
+    return p
+
+
+def _run(args, world, log) -> None:
+    if args.cmd in ("train", "config"):
+        from . import config
+
+        cfg = world.agree(config.load, args.job, args.overrides)
+        if args.cmd == "config":
+            if world.is_root:
+                print(cfg.dumps(), end="")
+            return
+        from .train import train
+
+        train(cfg, world, log)
+    elif args.cmd == "data":
+        from .data import prepare
+
+        if args.what == "synthetic":
+            msg = world.agree(prepare.synthetic, world, args.out, args.samples, args.test_samples, args.features,
+                                    args.classes, args.hidden, args.seed)
+        elif world.is_root:  # small, serial writers
+            msg = world.agree(_serial_data, args, prepare)
+        else:
+            msg = world.agree(lambda: None)
+        if world.is_root:
+            print(msg)
+    elif args.cmd == "bench":
+        from . import bench
+
+        getattr(bench, args.what)(args, world, log)
+
+
+def _serial_data(args, prepare):
+    if args.what == "digits":
+        return prepare.digits(args.out, args.test_fraction, args.seed)
+    return prepare.convert(args.src, args.out, args.x, args.y, args.test_fraction, args.seed)
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    from .comm import World
+
+    world = World.create()
+    log = world.logger()
+    try:
+        _run(args, world, log)
+    except UserError as e:
+        if args.debug:
+            raise
+        if isinstance(e, AgreedError):  # every rank has it: rank 0 prints, all exit cleanly
+            if world.is_root:
+                print(f"mpitrain: error: {e}", file=sys.stderr, flush=True)
+            _exit(EXIT_USAGE)
+        print(f"mpitrain: error (rank {world.rank}): {e}", file=sys.stderr, flush=True)
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(EXIT_USAGE)  # only this rank knows: end the others too
+
+
+def _exit(code: int) -> None:
+    """Leave without MPI_Abort's banner: every rank got the same error, so finalize and
+    exit with `code` (under `python -m mpi4py` a SystemExit would turn into an abort)."""
+    from mpi4py import MPI
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    os._exit(code)

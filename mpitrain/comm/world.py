@@ -1,0 +1,84 @@
+"""World: the job's communicator, ranks, node-local placement, device and logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from mpi4py import MPI
+
+from ..errors import AgreedError, UserError
+
+
+@dataclass
+class World:
+    """A private duplicate of COMM_WORLD plus what every module needs to know about it."""
+
+    comm: MPI.Intracomm
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+    @classmethod
+    def create(cls, base: MPI.Intracomm | None = None) -> "World":
+        """Collective: duplicate `base` (COMM_WORLD) and learn the node-local layout."""
+        comm = (base or MPI.COMM_WORLD).Dup()
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        w = cls(comm, comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size())
+        node.Free()
+        return w
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def cores_per_rank(self) -> int:
+        """CPU cores this rank should use: its binding if bound, else the node's share."""
+        mine = len(os.sched_getaffinity(0))
+        total = os.cpu_count() or mine
+        if mine < total:  # the launcher bound us: use what we were given
+            return max(1, mine)
+        return max(1, total // self.local_size)
+
+    def device(self, want: str):
+        """torch device for this rank: cuda:(local_rank % ngpus) or cpu."""
+        import torch
+
+        if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise UserError("train.device = 'cuda' but torch sees no CUDA device")
+        return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+
+    def logger(self, name: str = "mpitrain") -> logging.Logger:
+        """A logger whose lines start with [rank/size]."""
+        log = logging.getLogger(f"{name}.r{self.rank}")
+        if not log.handlers:
+            h = logging.StreamHandler(sys.stderr)
+            h.setFormatter(logging.Formatter(f"[{self.rank}/{self.size}] %(message)s"))
+            log.addHandler(h)
+            log.propagate = False
+            log.setLevel(logging.INFO)
+        return log
+
+    def agree(self, fn, *args, **kwargs):
+        """Collective: run fn on every rank; if it raised UserError on any rank, raise the
+        lowest failing rank's message on all ranks (so none is left waiting)."""
+        err = None
+        try:
+            result = fn(*args, **kwargs)
+        except UserError as e:
+            err, result = str(e), None
+        errs = self.comm.allgather(err)
+        failed = [r for r, e in enumerate(errs) if e is not None]
+        if failed:
+            r = failed[0]
+            raise AgreedError(errs[r] if self.size == 1 or len(failed) == self.size else f"{errs[r]} (rank {r})")
+        return result
+
+    def bcast_str(self, value: str | None) -> str:
+        """Collective: rank 0's string on every rank."""
+        return self.comm.bcast(value, root=0)

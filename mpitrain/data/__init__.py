@@ -1,0 +1,1 @@
+"""Data: HDF5 splits (partitioned or replicated), the distributed sampler, generators."""

@@ -1,0 +1,145 @@
+"""Parallel-HDF5 splits: each rank reads its shard (partitioned) or everything (replicated).
+
+Reads are collective (`driver="mpio"`, `dset.collective`), in chunks of `read_chunk`
+samples, and every rank issues the same number of reads. Shapes, dtypes and label ranges
+are validated on load; any problem becomes one UserError agreed on by all ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from ..errors import AgreedError, UserError
+from .sampler import shard_bounds
+
+
+@dataclass
+class Split:
+    """The rows [offset, offset + len(x)) of a split that this rank holds."""
+
+    x: np.ndarray
+    y: np.ndarray
+    offset: int
+    total: int  # rows in the whole split
+
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        local = idx - self.offset
+        return self.x[local], self.y[local]
+
+
+@dataclass(frozen=True)
+class Meta:
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def _read_rows(dset, lo: int, hi: int, n_reads: int, collective: bool) -> np.ndarray:
+    """Read rows [lo, hi) in n_reads pieces (the same count on every rank)."""
+    pieces = np.array_split(np.arange(lo, hi), n_reads)
+    out = np.empty((hi - lo,) + dset.shape[1:], dtype=dset.dtype)
+    pos = 0
+    for p in pieces:
+        a, b = (int(p[0]), int(p[-1]) + 1) if len(p) else (lo, lo)
+        if collective:
+            with dset.collective:
+                out[pos:pos + b - a] = dset[a:b]
+        else:
+            out[pos:pos + b - a] = dset[a:b]
+        pos += b - a
+    return out
+
+
+def _split_datasets(f: h5py.File, path: str, group: str, xname: str, yname: str):
+    where = f"{path}: {group}/"
+    for name in (xname, yname):
+        if f"{group}/{name}" not in f:
+            have = ", ".join(sorted(f[group].keys())) if group in f and isinstance(f[group], h5py.Group) \
+                else ", ".join(sorted(f.keys()))
+            raise UserError(f"{where}{name}: no such dataset (found: {have or 'nothing'}); "
+                            f"set data.x / data.y / data.{'train' if group else 'test'}")
+    x, y = f[f"{group}/{xname}"], f[f"{group}/{yname}"]
+    if not isinstance(x, h5py.Dataset) or not isinstance(y, h5py.Dataset):
+        raise UserError(f"{where}: {xname} and {yname} must be datasets")
+    if x.dtype.kind not in "fiu":
+        raise UserError(f"{where}{xname}: inputs must be numeric, got dtype {x.dtype}")
+    if y.dtype.kind not in "iu":
+        raise UserError(f"{where}{yname}: labels must be integers, got dtype {y.dtype}")
+    if y.ndim != 1:
+        raise UserError(f"{where}{yname}: labels must be 1-D, got shape {y.shape}")
+    if x.ndim < 2:
+        raise UserError(f"{where}{xname}: inputs must be (samples, features...), got shape {x.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise UserError(f"{where}: {xname} has {x.shape[0]} rows but {yname} has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise UserError(f"{where}{xname}: empty split (0 samples)")
+    return x, y
+
+
+def load(cfg, world, need_test: bool = True) -> tuple[Split, Split | None, Meta]:
+    """Collective: open cfg.path and read the train (and test) split for this rank."""
+    path = cfg.path
+    # agree on the cheap checks before the collective open (a missing file must not hang)
+    def precheck():
+        if not os.path.exists(path):
+            raise UserError(f"{path}: data file not found (for digits run: mpitrain data digits)")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"{path}: data file not readable")
+        if not h5py.is_hdf5(path):
+            raise UserError(f"{path}: not an HDF5 file")
+    world.agree(precheck)
+    try:
+        f = h5py.File(path, "r", driver="mpio", comm=world.comm)
+    except OSError as e:
+        raise AgreedError(f"{path}: cannot open HDF5 file: {e}") from None
+    try:
+        splits, num_classes = world.agree(_load_open, f, cfg, world, need_test)
+    finally:
+        f.close()
+    from mpi4py import MPI
+
+    lo = min((int(s.y.min()) for s in splits if len(s.y)), default=0)
+    hi = max((int(s.y.max()) for s in splits if len(s.y)), default=0)
+    lo, hi = world.comm.allreduce(lo, op=MPI.MIN), world.comm.allreduce(hi, op=MPI.MAX)
+    num_classes = num_classes or hi + 1
+    if lo < 0 or hi >= num_classes:
+        raise AgreedError(f"{path}: labels must lie in [0, {num_classes}), found [{lo}, {hi}]")
+    if num_classes < 2:
+        raise AgreedError(f"{path}: need at least 2 classes, found {num_classes}")
+    meta = Meta(tuple(splits[0].x.shape[1:]), num_classes)
+    return splits[0], (splits[1] if len(splits) > 1 else None), meta
+
+
+def _load_open(f, cfg, world, need_test):
+    groups = [(cfg.train, "train")] + ([(cfg.test, "test")] if need_test and cfg.test else [])
+    for g, key in groups:
+        if g not in f:
+            raise UserError(f"{cfg.path}: no group {g!r} (data.{key}); found: {', '.join(sorted(f.keys()))}")
+    train_x, train_y = _split_datasets(f, cfg.path, cfg.train, cfg.x, cfg.y)
+    test_ds = _split_datasets(f, cfg.path, cfg.test, cfg.x, cfg.y) if len(groups) > 1 else None
+    if test_ds and test_ds[0].shape[1:] != train_x.shape[1:]:
+        raise UserError(f"{cfg.path}: test inputs have shape {test_ds[0].shape[1:]}, train {train_x.shape[1:]}")
+    n = train_x.shape[0]
+    if cfg.mode == "partitioned" and n < world.size:
+        raise UserError(f"{cfg.path}: {n} training samples cannot be partitioned over {world.size} ranks")
+    num_classes = int(f.attrs.get("num_classes", 0)) or None
+    splits = [_read_split(train_x, train_y, cfg, world, replicated=cfg.mode == "replicated")]
+    if test_ds:
+        splits.append(_read_split(*test_ds, cfg, world, replicated=False))
+    return splits, num_classes
+
+
+def _read_split(x, y, cfg, world, replicated: bool) -> Split:
+    n = x.shape[0]
+    lo, hi = (0, n) if replicated else shard_bounds(n, world.size, world.rank)
+    span = n if replicated else math.ceil(n / world.size)
+    n_reads = max(1, math.ceil(span / cfg.read_chunk))
+    # an empty piece would make h5py skip the collective H5Dread on that rank: fall back
+    collective = (n // world.size if not replicated else n) >= n_reads
+    xs = _read_rows(x, lo, hi, n_reads, collective)
+    ys = _read_rows(y, lo, hi, n_reads, collective).astype(np.int64)
+    return Split(xs.astype(np.float32, copy=False), ys, lo, n)

@@ -1,0 +1,72 @@
+"""Distributed sampler: every sample exactly once per epoch across ranks.
+
+Deterministic from (seed, epoch); resumable from a step. Two scopes:
+
+- "global" (replicated data): one permutation of all N samples per epoch; step s takes the
+  global batch perm[s*G:(s+1)*G] with G = batch_size * world size, split evenly over the
+  ranks. The global batches do not depend on the world size, so N ranks with batch B see
+  exactly what 1 process with batch N*B sees.
+- "shard" (partitioned data): rank r owns the contiguous block r of
+  np.array_split(range(N), size) and permutes it per epoch with seed (seed, epoch, r).
+- "none": like "global" without shuffling.
+
+Uneven sizes: every rank runs the same number of steps, ceil(N / G) for global/none and
+ceil(largest block / B) for shard; the last batches are smaller and may be empty on some
+ranks. `global_count` (the samples in the step over all ranks) lets the loss be scaled so
+gradients are exact means over the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous block of np.array_split(range(n), size)."""
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class Batch:
+    indices: np.ndarray  # global sample indices for this rank (may be empty)
+    global_count: int    # samples in this step over all ranks
+
+
+class DistributedSampler:
+    def __init__(self, n: int, size: int, rank: int, batch_size: int, seed: int, scope: str):
+        if scope not in ("global", "shard", "none"):
+            raise ValueError(f"unknown sampler scope {scope!r}")
+        self.n, self.size, self.rank, self.batch, self.seed, self.scope = n, size, rank, batch_size, seed, scope
+        self.lens = [shard_bounds(n, size, r)[1] - shard_bounds(n, size, r)[0] for r in range(size)]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self.scope == "shard":
+            return math.ceil(max(self.lens) / self.batch)
+        return math.ceil(self.n / (self.batch * self.size))
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if self.scope == "none":
+            return np.arange(self.n)
+        if self.scope == "global":
+            return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        lo, hi = shard_bounds(self.n, self.size, self.rank)
+        return lo + np.random.default_rng([self.seed, epoch, self.rank]).permutation(hi - lo)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Yield the Batch of each step of `epoch`, from `start_step` on."""
+        perm, B, S = self._perm(epoch), self.batch, self.size
+        for s in range(start_step, self.steps_per_epoch):
+            if self.scope == "shard":
+                idx = perm[s * B:(s + 1) * B]
+                count = sum(min(max(ln - s * B, 0), B) for ln in self.lens)
+            else:
+                gb = perm[s * B * S:(s + 1) * B * S]
+                lo, hi = shard_bounds(len(gb), S, self.rank)
+                idx, count = gb[lo:hi], len(gb)
+            yield Batch(idx, count)

@@ -1,0 +1,64 @@
+"""Writing data sets: the layout every reader expects, and parallel (mpio) writes.
+
+Layout: groups `train` and `test`, each with datasets `x` (N, ...) float32 and `y` (N,)
+int64; file attributes `num_classes`, `source` and `description`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .sampler import shard_bounds
+
+
+def write_serial(path: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                 num_classes: int, source: str, description: str = "") -> None:
+    """Write whole arrays from one process (atomically: temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        _attrs(f, num_classes, source, description)
+        for name, (x, y) in splits.items():
+            g = f.create_group(name)
+            g.create_dataset("x", data=np.asarray(x, dtype=np.float32))
+            g.create_dataset("y", data=np.asarray(y, dtype=np.int64))
+    tmp.replace(path)
+
+
+def _attrs(f, num_classes, source, description):
+    f.attrs["num_classes"] = int(num_classes)
+    f.attrs["source"] = source
+    f.attrs["description"] = description
+
+
+def write_parallel(path: str | Path, world, sizes: dict[str, int], shape: tuple[int, ...], fill,
+                   num_classes: int, source: str, description: str = "") -> None:
+    """Collective: create the file with mpio and let each rank write its contiguous rows.
+
+    `fill(split, lo, hi)` returns this rank's (x, y) for rows [lo, hi) of `split`.
+    """
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    if world.is_root:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    world.comm.Barrier()
+    with h5py.File(tmp, "w", driver="mpio", comm=world.comm) as f:
+        _attrs(f, num_classes, source, description)
+        for name, n in sizes.items():
+            g = f.create_group(name)
+            dx = g.create_dataset("x", shape=(n, *shape), dtype=np.float32)
+            dy = g.create_dataset("y", shape=(n,), dtype=np.int64)
+            lo, hi = shard_bounds(n, world.size, world.rank)
+            x, y = fill(name, lo, hi)
+            with dx.collective:
+                dx[lo:hi] = x
+            with dy.collective:
+                dy[lo:hi] = y
+    world.comm.Barrier()
+    if world.is_root:
+        tmp.replace(path)
+    world.comm.Barrier()

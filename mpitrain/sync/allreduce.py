@@ -1,0 +1,47 @@
+"""Synchronous data parallelism: bucketed gradient allreduce overlapped with backward."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..comm.collectives import GradBuckets
+from .base import broadcast_model, register
+
+
+@register("allreduce")
+class AllreduceStrategy:
+    """Every step: mean of the gradients over all ranks, then the same optimizer step
+    everywhere. Optimizer state stays local and identical on all ranks."""
+
+    def __init__(self, cfg, world, log=None):
+        self.cfg, self.world, self.log = cfg, world, log
+        self.buckets: GradBuckets | None = None
+
+    def setup(self, model, optimizer):
+        broadcast_model(model, self.world)
+        s = self.cfg.sync
+        self.buckets = GradBuckets(model.parameters(), self.world.comm,
+                                   bucket_bytes=int(s.bucket_mb * 2**20),
+                                   first_bucket_bytes=int(s.first_bucket_mb * 2**20),
+                                   overlap=s.overlap, cuda_path=self.cfg.comm.cuda_path, log=self.log)
+
+    def zero_grad(self):
+        self.buckets.zero_()
+
+    def after_backward(self, step):
+        self.buckets.finish()
+
+    def after_step(self, step):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def bytes_per_step(self) -> int:
+        """Bytes this rank contributes to the reduction per step."""
+        return self.buckets.nbytes if self.buckets else 0
+
+    def close(self):
+        if self.buckets is not None:
+            self.buckets.close()
+            self.buckets = None

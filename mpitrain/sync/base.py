@@ -1,0 +1,66 @@
+"""The strategy protocol and registry. train.py talks to strategies only through this."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+class Strategy(Protocol):
+    """How workers share parameters. The training loop calls, per step:
+    zero_grad -> forward/backward -> after_backward -> optimizer.step -> after_step."""
+
+    def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Collective: make the replicas consistent (e.g. broadcast rank 0's parameters)."""
+
+    def zero_grad(self) -> None:
+        """Zero the gradients (strategies may keep them in their own buffers)."""
+
+    def after_backward(self, step: int) -> None:
+        """Collective: reduce / push gradients; when it returns .grad is ready to apply."""
+
+    def after_step(self, step: int) -> None:
+        """Collective: pull / average parameters after the local optimizer step."""
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Strategy state for checkpoints (arrays only)."""
+
+    def close(self) -> None:
+        """Release threads and communicators."""
+
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: make a strategy selectable as sync.strategy = name."""
+    def deco(cls):
+        REGISTRY[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def create(cfg, world, log=None) -> Strategy:
+    try:
+        cls = REGISTRY[cfg.sync.strategy]
+    except KeyError:
+        raise UserError(f"sync.strategy: unknown strategy {cfg.sync.strategy!r} "
+                        f"(known: {', '.join(sorted(REGISTRY))})") from None
+    return cls(cfg, world, log)
+
+
+def broadcast_model(model: torch.nn.Module, world) -> None:
+    """Collective: every rank gets rank 0's parameters and buffers."""
+    from ..comm import buffers
+
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            flat = t.data.contiguous()
+            buffers.bcast_(world.comm, flat)
+            if flat.data_ptr() != t.data.data_ptr():
+                t.data.copy_(flat)

@@ -1,0 +1,139 @@
+"""The training loop: strategy-agnostic, readable top to bottom."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from tqdm import tqdm
+
+from . import sync
+from .data import hdf5
+from .data.sampler import DistributedSampler, shard_bounds
+from .errors import UserError
+from .metrics import MetricsLog
+from .models import build_model, build_optimizer, build_schedule
+
+
+def configure_threads(cfg, world) -> int:
+    n = cfg.train.threads or world.cores_per_rank()
+    torch.set_num_threads(n)
+    return n
+
+
+def sampler_scope(cfg) -> str:
+    scope = cfg.data.shuffle
+    if scope == "auto":
+        return "global" if cfg.data.mode == "replicated" else "shard"
+    if scope == "global" and cfg.data.mode == "partitioned":
+        raise UserError("data.shuffle = 'global' needs data.mode = 'replicated' "
+                        "(partitioned ranks hold only their shard; use 'shard')")
+    return scope
+
+
+def prepare_run_dir(cfg, world) -> Path:
+    """Collective: rank 0 creates the run folder and writes the resolved config."""
+    run_dir = cfg.run_dir
+
+    def make():
+        if world.is_root:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.toml").write_text(cfg.dumps())
+                (run_dir / "metrics.jsonl").write_text("")
+            except OSError as e:
+                raise UserError(f"output.dir: cannot write to {run_dir}: {e.strerror}") from None
+    world.agree(make)
+    return run_dir
+
+
+@torch.no_grad()
+def evaluate(model, split, world, device, batch_size: int = 1024) -> tuple[float, float]:
+    """Collective: (mean loss, accuracy) over the whole split; each rank evaluates its shard."""
+    model.eval()
+    lo, hi = shard_bounds(split.total, world.size, world.rank)
+    totals = np.zeros(3)  # loss sum, correct, count
+    for a in range(lo, hi, batch_size):
+        x, y = split.take(np.arange(a, min(a + batch_size, hi)))
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        out = model(x)
+        totals += [F.cross_entropy(out, y, reduction="sum").item(), (out.argmax(1) == y).sum().item(), len(y)]
+    world.comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    model.train()
+    return totals[0] / totals[2], totals[1] / totals[2]
+
+
+def train(cfg, world, log) -> tuple[dict, torch.nn.Module]:
+    """Collective: run the job described by cfg; returns (last metrics row, model)."""
+    t_start = time.perf_counter()
+    threads = configure_threads(cfg, world)
+    device = world.agree(world.device, cfg.train.device)
+    scope = world.agree(sampler_scope, cfg)
+    run_dir = prepare_run_dir(cfg, world)
+    train_split, test_split, meta = hdf5.load(cfg.data, world)
+
+    torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
+    model = world.agree(build_model, cfg.model, meta.input_shape, meta.num_classes).to(device)
+    optimizer = world.agree(build_optimizer, cfg.optim, model.parameters(), world.size)
+    sampler = DistributedSampler(train_split.total, world.size, world.rank, cfg.train.batch_size,
+                                 cfg.train.seed, scope)
+    schedule = build_schedule(cfg.optim, optimizer, sampler.steps_per_epoch, cfg.train.epochs)
+    strategy = world.agree(sync.create, cfg, world, log)
+    strategy.setup(model, optimizer)
+    torch.manual_seed(cfg.train.seed * 7919 + world.rank)  # per-rank stream (dropout)
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if world.is_root else None)
+    if world.is_root:
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info(f"{cfg.output.name}: {world.size} ranks x {threads} threads, {cfg.model.name} "
+                 f"({n_params:,} params), {cfg.sync.strategy}, {cfg.data.mode} data "
+                 f"({train_split.total} train samples), {sampler.steps_per_epoch} steps/epoch")
+    step, row = 0, {}
+    max_steps = cfg.train.max_steps or float("inf")
+    try:
+        for epoch in range(cfg.train.epochs):
+            t_epoch, loss_sum, seen = time.perf_counter(), 0.0, 0
+            bar = tqdm(sampler.epoch(epoch), total=sampler.steps_per_epoch, disable=not (
+                world.is_root and cfg.train.progress), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                leave=False, dynamic_ncols=True)
+            for batch in bar:
+                x, y = train_split.take(batch.indices)
+                x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+                strategy.zero_grad()
+                # sum over the local batch, scaled so the mean over ranks is the global-batch mean
+                loss = F.cross_entropy(model(x), y, reduction="sum") * (world.size / batch.global_count)
+                loss.backward()
+                strategy.after_backward(step)
+                optimizer.step()
+                schedule.step()
+                strategy.after_step(step)
+                loss_sum += loss.item() * batch.global_count / world.size
+                seen += batch.global_count
+                step += 1
+                if step >= max_steps:
+                    break
+            train_time = time.perf_counter() - t_epoch
+            train_loss = world.comm.allreduce(loss_sum, op=MPI.SUM) / max(1, seen)
+            last = epoch == cfg.train.epochs - 1 or step >= max_steps
+            row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
+                   "samples_per_s": seen / train_time, "lr": schedule.get_last_lr()[0]}
+            if test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last):
+                row["test_loss"], row["test_acc"] = evaluate(model, test_split, world, device)
+            row["wall_s"] = time.perf_counter() - t_start
+            metrics.append(row)
+            if world.is_root:
+                log.info("epoch {epoch}: step {step}, train_loss {train_loss:.4f}".format(**row)
+                         + (", test_loss {test_loss:.4f}, test_acc {test_acc:.4f}".format(**row)
+                            if "test_acc" in row else "")
+                         + f", {row['samples_per_s']:.0f} samples/s")
+            if last:
+                break
+    finally:
+        strategy.close()
+    if world.is_root:
+        log.info(f"outputs in {run_dir}/ (config.toml, metrics.jsonl)")
+    return row, model
