@@ -1,0 +1,111 @@
+"""The command line as users run it: spawned mpiexec jobs at 1, 2 and 4 ranks.
+
+Bad input must give one `mpitrain: error:` line, exit code 2 from every rank, no
+traceback and no hang. Run outside MPI (scripts/test.sh runs `pytest -m launcher`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.launcher
+NPS = [1, 2, 4]
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+           OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1",
+           OMPI_MCA_orte_execute_quiet="1", PYTHONUNBUFFERED="1")
+
+
+def mpirun(np_, *args, timeout=120, cwd=ROOT):
+    cmd = ["mpiexec", "-n", str(np_), sys.executable, "-m", "mpi4py", "-m", "mpitrain", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "digits.h5"
+    r = mpirun(1, "data", "digits", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_help_and_console_script():
+    for cmd in ([sys.executable, "-m", "mpitrain", "--help"],
+                [shutil.which("mpitrain") or os.path.join(os.path.dirname(sys.executable), "mpitrain"), "--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "mpiexec -n N python -m mpi4py -m mpitrain" in r.stdout.replace("\n", " ")
+
+
+def bad_cases(tmp, digits):
+    (tmp / "bad.toml").write_text("[train]\nepoch = 3\n")
+    (tmp / "broken.toml").write_text("[train\n")
+    (tmp / "afile").write_text("")
+    ok = ["jobs/digits.toml", "--set", f"data.path={digits}", "--set", f"output.dir={tmp}/run"]
+    return {
+        "unknown key": ([tmp / "bad.toml"], "unknown key train.epoch"),
+        "malformed TOML": ([tmp / "broken.toml"], "malformed TOML"),
+        "missing job": ([tmp / "nope.toml"], "no such job file"),
+        "wrong type": (ok + ["--set", "train.epochs='x'"], "train.epochs: expected an integer"),
+        "negative size": (ok + ["--set", "train.batch_size=-1"], "train.batch_size: expected a value > 0"),
+        "missing data": (ok + ["--set", f"data.path={tmp}/none.h5"], "data file not found"),
+        "not hdf5": (ok + ["--set", f"data.path={tmp}/bad.toml"], "not an HDF5 file"),
+        "wrong dataset": (ok + ["--set", "data.x=images"], "train/images: no such dataset"),
+        "wrong group": (ok + ["--set", "data.train=training"], "no group 'training'"),
+        "unknown model": (ok + ["--set", "model.name=resnet"], "unknown model 'resnet'"),
+        "unknown strategy": (ok + ["--set", "sync.strategy=gossip"], "unknown strategy 'gossip'"),
+        "unknown optimizer": (ok + ["--set", "optim.name=lamb"], "unknown optimizer 'lamb'"),
+        "global shuffle partitioned": (ok + ["--set", "data.shuffle=global"], "needs data.mode = 'replicated'"),
+        "unwritable output": (ok + ["--set", f"output.dir={tmp}/afile/run"], "output.dir: cannot write"),
+        "labels as inputs": (ok + ["--set", "data.x=y"], "inputs must be (samples, features...)"),
+    }
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("np_", NPS)
+def test_bad_input_one_line_exit_2_every_rank(np_, tmp_path, digits):
+    for name, (args, message) in bad_cases(tmp_path, digits).items():
+        r = mpirun(np_, "train", *args, timeout=60)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("mpitrain: error: "), (name, r.stderr)
+        assert message in lines[0], (name, lines[0])
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("np_", NPS)
+def test_digits_end_to_end(np_, tmp_path, digits):
+    r = mpirun(np_, "train", "jobs/digits.toml", "--set", f"data.path={digits}", "--set",
+               f"output.dir={tmp_path}/run", "--set", "train.epochs=10", "--set", "train.progress=false",
+               timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 10
+    for key in ("epoch", "step", "train_loss", "test_loss", "test_acc", "samples_per_s", "wall_s"):
+        assert key in rows[-1]
+    assert rows[-1]["test_acc"] >= 0.95, rows[-1]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # the resolved config is saved and is itself a valid job file
+    r2 = mpirun(1, "config", tmp_path / "run" / "config.toml", timeout=60)
+    assert r2.returncode == 0 and "epochs = 10" in r2.stdout
+
+
+@pytest.mark.timeout(300)
+def test_data_commands(tmp_path):
+    r = mpirun(2, "data", "synthetic", "--out", tmp_path / "syn.h5", "--samples", 3000, "--test-samples", 200,
+               "--features", 16, "--classes", 5)
+    assert r.returncode == 0 and "train 3000, test 200" in r.stdout, r.stderr
+    r = mpirun(2, "train", "jobs/digits.toml", "--set", f"data.path={tmp_path}/syn.h5", "--set",
+               "model.name=mlp", "--set", "train.epochs=1", "--set", f"output.dir={tmp_path}/run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = mpirun(2, "data", "synthetic", "--out", tmp_path / "x.h5", "--samples", 0)
+    assert r.returncode == 2 and r.stderr.strip().startswith("mpitrain: error: data synthetic: --samples")
+    r = mpirun(2, "data", "convert", tmp_path / "missing.npz", tmp_path / "y.h5")
+    assert r.returncode == 2 and "missing.npz: no such file" in r.stderr
