@@ -78,8 +78,9 @@ class SyncCfg:
     strategy: str = _opt("allreduce", help="strategy registry key (see mpitrain.sync)")
     bucket_mb: float = _opt(25.0, gt=0.0)
     first_bucket_mb: float = _opt(1.0, gt=0.0, help="smaller first bucket starts comm early")
-    overlap: str = _opt("thread", choices=("thread", "nonblocking", "none"),
-                        help="thread: blocking Allreduce per bucket on a comm thread")
+    overlap: str = _opt("auto", choices=("auto", "thread", "nonblocking", "none"),
+                        help="thread: blocking Allreduce per bucket on a comm thread; auto: thread "
+                             "when each rank has >= 2 cores, else none (see README benchmarks)")
 
 
 @dataclass(frozen=True)

@@ -97,21 +97,20 @@ def train(cfg, world, log) -> tuple[dict, torch.nn.Module]:
     try:
         for epoch in range(cfg.train.epochs):
             t_epoch, loss_sum, seen = time.perf_counter(), 0.0, 0
-            bar = tqdm(sampler.epoch(epoch), total=sampler.steps_per_epoch, disable=not (
-                world.is_root and cfg.train.progress), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            bar = tqdm(sampler.epoch(epoch), total=sampler.steps_per_epoch,  # None: off when not a TTY
+                       disable=None if world.is_root and cfg.train.progress else True, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                 leave=False, dynamic_ncols=True)
             for batch in bar:
                 x, y = train_split.take(batch.indices)
                 x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
                 strategy.zero_grad()
-                # sum over the local batch, scaled so the mean over ranks is the global-batch mean
-                loss = F.cross_entropy(model(x), y, reduction="sum") * (world.size / batch.global_count)
-                loss.backward()
+                loss = F.cross_entropy(model(x), y, reduction="sum")
+                (loss * strategy.loss_weight(batch.global_count)).backward()
                 strategy.after_backward(step)
                 optimizer.step()
                 schedule.step()
                 strategy.after_step(step)
-                loss_sum += loss.item() * batch.global_count / world.size
+                loss_sum += loss.item()
                 seen += batch.global_count
                 step += 1
                 if step >= max_steps:

@@ -31,9 +31,11 @@ class GradBuckets:
     """Gradients of `params` in flat buffers, averaged over `comm` as they become ready."""
 
     def __init__(self, params, comm: MPI.Intracomm, *, bucket_bytes: int, first_bucket_bytes: int,
-                 overlap: str = "thread", cuda_path: str = "auto", log=None):
+                 overlap: str = "thread", average: bool = True, cuda_path: str = "auto", log=None):
         self.comm = comm.Dup()
         self.size = self.comm.Get_size()
+        # average=False: the caller pre-scaled the loss, the SUM is already the mean (saves a pass)
+        self.scale = 1.0 / self.size if average and self.size > 1 else None
         self.overlap = overlap
         self.params = [p for p in params if p.requires_grad]
         self.buckets: list[list[torch.nn.Parameter]] = []
@@ -133,7 +135,8 @@ class GradBuckets:
             buffers.allreduce_(self.comm, flat, direct_cuda=self.direct, stager=self.stagers[b])
         else:
             self.comm.Allreduce(MPI.IN_PLACE, buffers.host_buffer(flat), op=MPI.SUM)
-        flat.div_(self.size)
+        if self.scale is not None:
+            flat.mul_(self.scale)
 
     def _comm_loop(self):
         while True:
@@ -148,7 +151,8 @@ class GradBuckets:
 
     def finish(self):
         """Collective: launch any bucket whose hooks did not fire (unused parameters),
-        wait for all reductions; afterwards every .grad holds the mean over ranks."""
+        wait for all reductions; afterwards every .grad holds the sum over ranks, times
+        1/size if `average`."""
         for b in range(len(self.buckets)):
             if not self._ready[b]:
                 self._mark_ready(b)
@@ -162,7 +166,8 @@ class GradBuckets:
             for b, flat in enumerate(self.flat):
                 if self.is_cuda:
                     self.stagers[b].to_device(flat)
-                flat.div_(self.size)
+                if self.scale is not None:
+                    flat.mul_(self.scale)
         else:
             for b in range(len(self.buckets)):
                 self._reduce_blocking(b)

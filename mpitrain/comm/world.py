@@ -57,7 +57,7 @@ class World:
         """A logger whose lines start with [rank/size]."""
         log = logging.getLogger(f"{name}.r{self.rank}")
         if not log.handlers:
-            h = logging.StreamHandler(sys.stderr)
+            h = _TqdmHandler(sys.stderr)
             h.setFormatter(logging.Formatter(f"[{self.rank}/{self.size}] %(message)s"))
             log.addHandler(h)
             log.propagate = False
@@ -82,3 +82,15 @@ class World:
     def bcast_str(self, value: str | None) -> str:
         """Collective: rank 0's string on every rank."""
         return self.comm.bcast(value, root=0)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines that do not tear a running tqdm progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)

@@ -20,10 +20,20 @@ class AllreduceStrategy:
     def setup(self, model, optimizer):
         broadcast_model(model, self.world)
         s = self.cfg.sync
+        overlap = s.overlap
+        if overlap == "auto":  # a comm thread only pays when it has a core of its own
+            overlap = "thread" if self.world.cores_per_rank() >= 2 or self.cfg.train.device != "cpu" else "none"
         self.buckets = GradBuckets(model.parameters(), self.world.comm,
                                    bucket_bytes=int(s.bucket_mb * 2**20),
                                    first_bucket_bytes=int(s.first_bucket_mb * 2**20),
-                                   overlap=s.overlap, cuda_path=self.cfg.comm.cuda_path, log=self.log)
+                                   overlap=overlap, average=False, cuda_path=self.cfg.comm.cuda_path,
+                                   log=self.log)
+        if self.log and self.world.is_root:
+            sizes = ", ".join(f"{f.numel() * f.element_size() / 2**20:.1f}" for f in self.buckets.flat)
+            self.log.info(f"allreduce: {len(self.buckets.flat)} buckets ({sizes} MB), overlap {overlap}")
+
+    def loss_weight(self, global_count):
+        return 1.0 / global_count  # the SUM over ranks is then the global-batch mean
 
     def zero_grad(self):
         self.buckets.zero_()

@@ -17,6 +17,10 @@ class Strategy(Protocol):
     def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Collective: make the replicas consistent (e.g. broadcast rank 0's parameters)."""
 
+    def loss_weight(self, global_count: int) -> float:
+        """Factor for this rank's summed loss: 1/global_count where gradients are summed
+        over ranks, world_size/global_count where each rank steps on its own gradient."""
+
     def zero_grad(self) -> None:
         """Zero the gradients (strategies may keep them in their own buffers)."""
 
