@@ -155,6 +155,8 @@ def step(args, world, log) -> None:
         for name, v in ms.items():
             print(f"{name:28s} {v:9.2f} {min(rounds[name]):8.2f} {max(rounds[name]):8.2f} "
                   f"{v / bound:9.2f} " + (f"{v / ddp_ms:7.2f}" if ddp_ms else "      -"))
+        auto = "thread" if world.cores_per_rank() >= 2 else "none"
+        print(f"# sync.overlap = 'auto' (the default) uses '{auto}' here: {world.cores_per_rank()} core(s) per rank")
         print("# max |param difference| to mpitrain sync (thread) after all steps: "
               + ", ".join(f"{k}: {d:.1e}" for k, d in diff.items()))
 
@@ -184,6 +186,10 @@ def allreduce(args, world, log) -> None:
 
     threads = configure_threads(Config(train=TrainCfg(threads=0)), world)
     _header(world, "allreduce", threads)
+    overlap = args.overlap if args.overlap != "auto" else ("thread" if world.cores_per_rank() >= 2 else "none")
+    if world.is_root:
+        print(f"# bucketed path: {args.bucket_mb} MB buckets (first 1 MB), overlap '{overlap}', "
+              f"8 tensors per message size; median of 3 x {args.iters} iterations, slowest rank")
     n = world.size
     if world.is_root:
         print(f"{'bytes':>10s} {'raw ms':>9s} {'raw algbw':>10s} {'raw busbw':>10s} "
@@ -194,7 +200,7 @@ def allreduce(args, world, log) -> None:
         # the bucketed path on 8 "parameters" of the same total size
         pieces = [nn.Parameter(torch.zeros(c)) for c in _split(count, 8)]
         bk = GradBuckets(pieces, world.comm, bucket_bytes=int(args.bucket_mb * 2**20),
-                         first_bucket_bytes=2**20, overlap="thread", average=False)
+                         first_bucket_bytes=2**20, overlap=overlap, average=False)
 
         def raw():
             world.comm.Allreduce(MPI.IN_PLACE, buffers.host_buffer(buf), op=MPI.SUM)

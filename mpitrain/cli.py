@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--sizes", default="4K,64K,1M,4M,16M,64M", help="message sizes in bytes (K/M suffixes)")
     ba.add_argument("--iters", type=int, default=10)
     ba.add_argument("--bucket-mb", type=float, default=25.0)
+    ba.add_argument("--overlap", default="auto", choices=("auto", "thread", "nonblocking", "none"))
     return p
 
 

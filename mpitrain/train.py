@@ -97,9 +97,10 @@ def train(cfg, world, log) -> tuple[dict, torch.nn.Module]:
     try:
         for epoch in range(cfg.train.epochs):
             t_epoch, loss_sum, seen = time.perf_counter(), 0.0, 0
-            bar = tqdm(sampler.epoch(epoch), total=sampler.steps_per_epoch,  # None: off when not a TTY
-                       disable=None if world.is_root and cfg.train.progress else True, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                leave=False, dynamic_ncols=True)
+            show = world.is_root and cfg.train.progress
+            bar = tqdm(sampler.epoch(epoch), total=sampler.steps_per_epoch, leave=False, dynamic_ncols=True,
+                       disable=None if show else True,  # None: no bar when stderr is not a terminal
+                       desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
             for batch in bar:
                 x, y = train_split.take(batch.indices)
                 x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
