@@ -4,6 +4,7 @@
 #   -> h5py built against parallel HDF5 (wheel cached) -> CPU torch -> mpitrain (editable).
 # A second run with nothing changed only verifies the environment (a few seconds).
 # Env: MPITRAIN_VENV (default .venv), MPITRAIN_TORCH (default torch==2.13.0),
+#      MPITRAIN_TORCH_INDEX (a pip index URL for torch, e.g. PyTorch's CPU wheels),
 #      MPITRAIN_CACHE (default ~/.cache/mpitrain), MPITRAIN_SKIP_APT=1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -69,8 +70,10 @@ else
 
   # ---- 4. torch (CPU build where available) and the package ---------------------------
   if ! "$PY" -c 'import torch' 2>/dev/null; then
-    say "installing $TORCH_SPEC"
-    "${PIP[@]}" "$TORCH_SPEC"
+    say "installing $TORCH_SPEC${MPITRAIN_TORCH_INDEX:+ from $MPITRAIN_TORCH_INDEX}"
+    # PyPI's Linux torch wheels carry CUDA; set MPITRAIN_TORCH_INDEX to PyTorch's CPU wheel
+    # index for the small CPU build (a local +cpu wheel in pip's find-links is preferred anyway)
+    "${PIP[@]}" ${MPITRAIN_TORCH_INDEX:+--extra-index-url "$MPITRAIN_TORCH_INDEX"} "$TORCH_SPEC"
   fi
   say "installing mpitrain (editable) with test and data extras"
   "${PIP[@]}" --no-build-isolation -e ".[test,data]"
