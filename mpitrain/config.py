@@ -71,6 +71,8 @@ class TrainCfg:
     device: str = _opt("cpu", choices=("cpu", "cuda", "auto"))
     progress: bool = _opt(True, help="tqdm bar on rank 0")
     eval_every: int = _opt(1, gt=0, help="evaluate every this many epochs (and at the end)")
+    slowdown_rank: int = _opt(-1, min=-1, help="straggler injection: this rank sleeps (-1 = none)")
+    slowdown_factor: float = _opt(1.0, min=1.0, help="... so its steps take factor x its compute time")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,10 @@ class SyncCfg:
     strategy: str = _opt("allreduce", help="strategy registry key (see mpitrain.sync)")
     bucket_mb: float = _opt(25.0, gt=0.0)
     first_bucket_mb: float = _opt(1.0, gt=0.0, help="smaller first bucket starts comm early")
+    staleness: int = _opt(3, min=0, help="ssp: how many clocks a worker may run ahead of the slowest")
+    dc_lambda: float = _opt(0.0, min=0.0, help="async: DC-ASGD delay compensation (0 = off; paper: 0.04)")
+    servers: int = _opt(0, min=0, help="dedicated parameter-server ranks (0 = shards on every rank)")
+    timeout_s: float = _opt(0.0, min=0.0, help="give up waiting for the store after this long (0 = never)")
     overlap: str = _opt("auto", choices=("auto", "thread", "nonblocking", "none"),
                         help="thread: blocking Allreduce per bucket on a comm thread; auto: thread "
                              "when each rank has >= 2 cores, else none (see README benchmarks)")

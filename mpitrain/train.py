@@ -104,9 +104,12 @@ def train(cfg, world, log) -> tuple[dict, torch.nn.Module]:
             for batch in bar:
                 x, y = train_split.take(batch.indices)
                 x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+                t_compute = time.perf_counter()
                 strategy.zero_grad()
                 loss = F.cross_entropy(model(x), y, reduction="sum")
                 (loss * strategy.loss_weight(batch.global_count)).backward()
+                if world.rank == cfg.train.slowdown_rank:  # injected straggler
+                    time.sleep((cfg.train.slowdown_factor - 1) * (time.perf_counter() - t_compute))
                 strategy.after_backward(step)
                 optimizer.step()
                 schedule.step()
@@ -121,6 +124,8 @@ def train(cfg, world, log) -> tuple[dict, torch.nn.Module]:
             last = epoch == cfg.train.epochs - 1 or step >= max_steps
             row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
                    "samples_per_s": seen / train_time, "lr": schedule.get_last_lr()[0]}
+            row.update(strategy.metrics())
+            strategy.before_eval()
             if test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last):
                 row["test_loss"], row["test_acc"] = evaluate(model, test_split, world, device)
             row["wall_s"] = time.perf_counter() - t_start

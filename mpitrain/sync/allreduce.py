@@ -44,12 +44,16 @@ class AllreduceStrategy:
     def after_step(self, step):
         pass
 
+    def before_eval(self):
+        pass
+
+    def metrics(self):
+        # what each rank sends in a bandwidth-optimal (ring) allreduce of all buckets
+        n = self.world.size
+        return {"comm_bytes_per_step": 2 * (n - 1) / n * self.buckets.nbytes}
+
     def state_dict(self):
         return {}
-
-    def bytes_per_step(self) -> int:
-        """Bytes this rank contributes to the reduction per step."""
-        return self.buckets.nbytes if self.buckets else 0
 
     def close(self):
         if self.buckets is not None:

@@ -30,6 +30,13 @@ class Strategy(Protocol):
     def after_step(self, step: int) -> None:
         """Collective: pull / average parameters after the local optimizer step."""
 
+    def before_eval(self) -> None:
+        """Collective: make the local model the one to evaluate (e.g. pull the latest)."""
+
+    def metrics(self) -> dict:
+        """Per-epoch figures for metrics.jsonl, at least comm_bytes_per_step (sent by
+        this rank); called once per epoch."""
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Strategy state for checkpoints (arrays only)."""
 

@@ -1,0 +1,152 @@
+"""Parameter sharing through the one-sided KVStore: ps_sync, ssp and async (ASGD).
+
+The model's parameters are one KVStore key sharded over all ranks; the optimizer runs
+store-side (`sync.*` and `optim.*` configure it), so the local torch optimizer is skipped:
+after each push the gradients are detached (`.grad = None`) and `optimizer.step()` is a
+no-op, then the pulled parameters overwrite the local ones. The LR schedule still runs
+locally and its current lr is handed to the store every step.
+
+Optimizer state (momentum buffers, Adam moments, step) lives with each shard in the
+owner's window and is identical to what one optimizer over the whole model would hold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..kvstore import KVStore
+from .base import broadcast_model, register
+
+
+class FlatModel:
+    """Parameters and gradients of a CPU model as views of two flat float32 buffers."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if any(p.is_cuda or p.dtype != torch.float32 for p in self.params):
+            raise UserError("parameter-server strategies need float32 CPU parameters (train.device = 'cpu')")
+        n = sum(p.numel() for p in self.params)
+        self.flat = torch.empty(n)
+        self.grad = torch.zeros(n)
+        off = 0
+        with torch.no_grad():
+            for p in self.params:
+                k = p.numel()
+                self.flat[off:off + k].copy_(p.reshape(-1))
+                p.data = self.flat[off:off + k].view_as(p)
+                off += k
+        self.attach_grads()
+
+    def attach_grads(self):
+        off = 0
+        for p in self.params:
+            p.grad = self.grad[off:off + p.numel()].view_as(p)
+            off += p.numel()
+
+    def detach_grads(self):
+        for p in self.params:
+            p.grad = None
+
+
+class _StoreStrategy:
+    mode = "sync"
+
+    def __init__(self, cfg, world, log=None):
+        self.cfg, self.world, self.log = cfg, world, log
+        self.kv: KVStore | None = None
+        self.optimizer = None
+        self.bytes_last = 0
+        self.steps_last = 0
+
+    def staleness(self) -> int:
+        return 0
+
+    def setup(self, model, optimizer):
+        broadcast_model(model, self.world)
+        self.flat = FlatModel(model)
+        self.optimizer = optimizer
+        o, s = self.cfg.optim, self.cfg.sync
+        if s.servers:
+            raise UserError("sync.servers > 0 (dedicated server ranks) is not implemented yet; use 0")
+        self.kv = KVStore(self.world, self.mode, optimizer=o.name, lr=optimizer.param_groups[0]["lr"],
+                          momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+                          betas=o.betas, staleness=self.staleness(), dc_lambda=s.dc_lambda,
+                          rescale=1.0, timeout=s.timeout_s or None)
+        self.kv.init("params", self.flat.flat)
+        if self.log and self.world.is_root:
+            self.log.info(f"{self.name}: {self.flat.flat.numel():,} parameters in RMA windows over "
+                          f"{self.world.size} ranks, store-side {o.name}")
+
+    def loss_weight(self, global_count):
+        # sync/ssp: pushes are summed, so each is a share of the global mean;
+        # async: each push is applied alone, so it is this rank's own mean
+        return 1.0 / global_count if self.mode == "sync" else self.world.size / global_count
+
+    def zero_grad(self):
+        self.flat.grad.zero_()
+        self.flat.attach_grads()
+
+    def after_backward(self, step):
+        self.kv.set_lr(self.optimizer.param_groups[0]["lr"])
+        self.kv.push("params", self.flat.grad, read_at=self.flat.flat)
+        self.flat.detach_grads()  # the store applied the optimizer: the local step is a no-op
+
+    def after_step(self, step):
+        with torch.no_grad():
+            self.kv.pull("params", self.flat.flat)
+
+    def before_eval(self):
+        """Collective: everyone evaluates the same, fully applied parameters."""
+        self.kv.barrier()
+        saved = self.kv.staleness
+        self.kv.staleness = 0 if self.mode == "sync" else saved
+        with torch.no_grad():
+            self.kv.pull("params", self.flat.flat)
+        self.kv.staleness = saved
+
+    def metrics(self) -> dict:
+        seen = self.kv.staleness_seen
+        out = {"comm_bytes_per_step": (self.kv.bytes_moved - self.bytes_last) / max(1, self.kv.clock["params"]
+                                                                                  - self.steps_last)}
+        self.bytes_last, self.steps_last = self.kv.bytes_moved, self.kv.clock["params"]
+        if seen:
+            out.update(staleness_max=int(max(seen)), staleness_mean=float(np.mean(seen)))
+            seen.clear()
+        return out
+
+    def state_dict(self):
+        return {}
+
+    def close(self):
+        if self.kv is not None:
+            self.kv.close()
+            self.kv = None
+
+
+@register("ps_sync")
+class PSSync(_StoreStrategy):
+    """Every step: push gradients, the store sums all N and applies the optimizer once,
+    everyone pulls. Numerically the same as `allreduce` with the same optimizer."""
+
+    mode = "sync"
+
+
+@register("ssp")
+class SSP(_StoreStrategy):
+    """Stale-synchronous parallel (Ho et al. 2013): a worker at clock c reads parameters
+    that include every update of clocks < c - s (s = sync.staleness); s = 0 is ps_sync."""
+
+    mode = "sync"
+
+    def staleness(self):
+        return self.cfg.sync.staleness
+
+
+@register("async")
+class AsyncPS(_StoreStrategy):
+    """ASGD / Downpour: push and pull without waiting for anyone; sync.dc_lambda > 0 turns
+    on delay compensation (DC-ASGD, λ = 0.04 in the paper)."""
+
+    mode = "async"
