@@ -1,3 +1,15 @@
 """mpitrain: data-parallel PyTorch training over MPI with parallel-HDF5 data."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: `import mpitrain` stays cheap and does not initialise MPI
+    if name == "KVStore":
+        from .kvstore import KVStore
+
+        return KVStore
+    if name == "World":
+        from .comm import World
+
+        return World
+    raise AttributeError(f"module 'mpitrain' has no attribute {name!r}")

@@ -80,9 +80,10 @@ class _StoreStrategy:
                           f"{self.world.size} ranks, store-side {o.name}")
 
     def loss_weight(self, global_count):
-        # sync/ssp: pushes are summed, so each is a share of the global mean;
-        # async: each push is applied alone, so it is this rank's own mean
-        return 1.0 / global_count if self.mode == "sync" else self.world.size / global_count
+        # each push is this rank's share of the global-batch mean: summed (sync, ssp) they
+        # are one synchronous step; applied one by one (async) a round of N pushes moves
+        # the parameters as far as one synchronous step (MXNet's rescale_grad = 1/N)
+        return 1.0 / global_count
 
     def zero_grad(self):
         self.flat.grad.zero_()
