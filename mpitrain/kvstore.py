@@ -39,7 +39,7 @@ class KVStore:
                  momentum: float = 0.0, weight_decay: float = 0.0, betas=(0.9, 0.999), nesterov: bool = False,
                  staleness: int = 0, rescale: float | None = None, dc_lambda: float = 0.0,
                  owners: list[int] | None = None, workers: int | None = None, progress: bool = True,
-                 timeout: float | None = None):
+                 barrier_comm=None, timeout: float | None = None):
         if mode not in ("sync", "async"):
             raise UserError(f"KVStore mode must be 'sync' or 'async', got {mode!r}")
         if optimizer not in STATE_SLOTS:
@@ -48,6 +48,7 @@ class KVStore:
             raise UserError(f"staleness must be >= 0, got {staleness}")
         self.world, self.mode, self.staleness = world, mode, staleness
         self.comm = world.comm.Dup()
+        self.barrier_comm = barrier_comm or world.comm  # the pushing ranks (all, or the workers)
         self.owners = list(range(world.size)) if owners is None else list(owners)
         self.workers = workers if workers is not None else world.size
         self.rescale = rescale if rescale is not None else (1.0 / self.workers if mode == "sync" else 1.0)
@@ -68,7 +69,7 @@ class KVStore:
         if key in self.keys:
             raise UserError(f"KVStore key {key!r} already initialised")
         flat = value.detach().reshape(-1).to(torch.float32).cpu().numpy()
-        n = self.comm.bcast(flat.size, root=0)
+        n = self.comm.bcast(flat.size, root=0)  # a server may pass an empty tensor
         slots = self.staleness + 1 if self.mode == "sync" else 0
         vec = ShardedVector(self.comm, n, self.owners, state_slots=STATE_SLOTS[self.opt_name], slots=slots)
         if self.comm.Get_rank() == 0:
@@ -144,8 +145,8 @@ class KVStore:
         return version
 
     def barrier(self) -> None:
-        """Collective: every worker's pushes so far are applied when this returns (sync and async)."""
-        self.comm.Barrier()
+        """Collective over the workers: every push so far is applied when this returns."""
+        self.barrier_comm.Barrier()
 
     def close(self) -> None:
         """Collective: free the windows and stop the progress thread."""

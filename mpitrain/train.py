@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +68,32 @@ def evaluate(model, split, world, device, batch_size: int = 1024) -> tuple[float
     return totals[0] / totals[2], totals[1] / totals[2]
 
 
-def train(cfg, world, log) -> tuple[dict, torch.nn.Module]:
-    """Collective: run the job described by cfg; returns (last metrics row, model)."""
-    t_start = time.perf_counter()
+@dataclass
+class Job:
+    """Everything a run needs, built (and validated) before the first step."""
+
+    cfg: object
+    world: object
+    log: object
+    device: torch.device
+    threads: int
+    run_dir: Path
+    train_split: object
+    test_split: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: DistributedSampler
+    schedule: object
+    strategy: sync.Strategy
+
+
+def build(cfg, world, log) -> Job:
+    """Collective: validate and build the job; any UserError is agreed on by all ranks."""
     threads = configure_threads(cfg, world)
     device = world.agree(world.device, cfg.train.device)
     scope = world.agree(sampler_scope, cfg)
     run_dir = prepare_run_dir(cfg, world)
     train_split, test_split, meta = hdf5.load(cfg.data, world)
-
     torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
     model = world.agree(build_model, cfg.model, meta.input_shape, meta.num_classes).to(device)
     optimizer = world.agree(build_optimizer, cfg.optim, model.parameters(), world.size)
@@ -83,62 +101,80 @@ def train(cfg, world, log) -> tuple[dict, torch.nn.Module]:
                                  cfg.train.seed, scope)
     schedule = build_schedule(cfg.optim, optimizer, sampler.steps_per_epoch, cfg.train.epochs)
     strategy = world.agree(sync.create, cfg, world, log)
-    strategy.setup(model, optimizer)
-    torch.manual_seed(cfg.train.seed * 7919 + world.rank)  # per-rank stream (dropout)
+    return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, optimizer,
+               sampler, schedule, strategy)
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl" if world.is_root else None)
+
+def train(cfg, world, log) -> tuple[dict, torch.nn.Module | None]:
+    """Collective: run the job described by cfg; returns (last metrics row, model)."""
+    world, serve = sync.roles(cfg, world, log)
+    if serve is not None:  # a dedicated parameter-server rank: host the store until the end
+        serve()
+        return {}, None
+    job = world.agree_job(build, cfg, world, log)  # servers, if any, learn of a failure too
+    try:
+        job.strategy.setup(job.model, job.optimizer)
+        torch.manual_seed(cfg.train.seed * 7919 + world.rank)  # per-rank stream (dropout)
+        return loop(job), job.model
+    finally:
+        job.strategy.close()
+
+
+def loop(job: Job) -> dict:
+    """The epochs: forward, backward, strategy, optimizer; evaluation and metrics."""
+    cfg, world, log, device, model = job.cfg, job.world, job.log, job.device, job.model
+    strategy, optimizer, schedule, sampler = job.strategy, job.optimizer, job.schedule, job.sampler
+    t_start = time.perf_counter()
+    metrics = MetricsLog(job.run_dir / "metrics.jsonl" if world.is_root else None)
     if world.is_root:
         n_params = sum(p.numel() for p in model.parameters())
-        log.info(f"{cfg.output.name}: {world.size} ranks x {threads} threads, {cfg.model.name} "
+        log.info(f"{cfg.output.name}: {world.size} ranks x {job.threads} threads, {cfg.model.name} "
                  f"({n_params:,} params), {cfg.sync.strategy}, {cfg.data.mode} data "
-                 f"({train_split.total} train samples), {sampler.steps_per_epoch} steps/epoch")
+                 f"({job.train_split.total} train samples), {sampler.steps_per_epoch} steps/epoch")
     step, row = 0, {}
     max_steps = cfg.train.max_steps or float("inf")
-    try:
-        for epoch in range(cfg.train.epochs):
-            t_epoch, loss_sum, seen = time.perf_counter(), 0.0, 0
-            show = world.is_root and cfg.train.progress
-            bar = tqdm(sampler.epoch(epoch), total=sampler.steps_per_epoch, leave=False, dynamic_ncols=True,
-                       disable=None if show else True,  # None: no bar when stderr is not a terminal
-                       desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
-            for batch in bar:
-                x, y = train_split.take(batch.indices)
-                x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-                t_compute = time.perf_counter()
-                strategy.zero_grad()
-                loss = F.cross_entropy(model(x), y, reduction="sum")
-                (loss * strategy.loss_weight(batch.global_count)).backward()
-                if world.rank == cfg.train.slowdown_rank:  # injected straggler
-                    time.sleep((cfg.train.slowdown_factor - 1) * (time.perf_counter() - t_compute))
-                strategy.after_backward(step)
-                optimizer.step()
-                schedule.step()
-                strategy.after_step(step)
-                loss_sum += loss.item()
-                seen += batch.global_count
-                step += 1
-                if step >= max_steps:
-                    break
-            train_time = time.perf_counter() - t_epoch
-            train_loss = world.comm.allreduce(loss_sum, op=MPI.SUM) / max(1, seen)
-            last = epoch == cfg.train.epochs - 1 or step >= max_steps
-            row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                   "samples_per_s": seen / train_time, "lr": schedule.get_last_lr()[0]}
-            row.update(strategy.metrics())
-            strategy.before_eval()
-            if test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last):
-                row["test_loss"], row["test_acc"] = evaluate(model, test_split, world, device)
-            row["wall_s"] = time.perf_counter() - t_start
-            metrics.append(row)
-            if world.is_root:
-                log.info("epoch {epoch}: step {step}, train_loss {train_loss:.4f}".format(**row)
-                         + (", test_loss {test_loss:.4f}, test_acc {test_acc:.4f}".format(**row)
-                            if "test_acc" in row else "")
-                         + f", {row['samples_per_s']:.0f} samples/s")
-            if last:
+    for epoch in range(cfg.train.epochs):
+        t_epoch, loss_sum, seen = time.perf_counter(), 0.0, 0
+        show = world.is_root and cfg.train.progress
+        bar = tqdm(sampler.epoch(epoch), total=sampler.steps_per_epoch, leave=False, dynamic_ncols=True,
+                   disable=None if show else True,  # None: no bar when stderr is not a terminal
+                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+        for batch in bar:
+            x, y = job.train_split.take(batch.indices)
+            x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            t_compute = time.perf_counter()
+            strategy.zero_grad()
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            (loss * strategy.loss_weight(batch.global_count)).backward()
+            if world.rank == cfg.train.slowdown_rank:  # injected straggler
+                time.sleep((cfg.train.slowdown_factor - 1) * (time.perf_counter() - t_compute))
+            strategy.after_backward(step)
+            optimizer.step()
+            schedule.step()
+            strategy.after_step(step)
+            loss_sum += loss.item()
+            seen += batch.global_count
+            step += 1
+            if step >= max_steps:
                 break
-    finally:
-        strategy.close()
+        train_time = time.perf_counter() - t_epoch
+        train_loss = world.comm.allreduce(loss_sum, op=MPI.SUM) / max(1, seen)
+        last = epoch == cfg.train.epochs - 1 or step >= max_steps
+        row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
+               "samples_per_s": seen / train_time, "lr": schedule.get_last_lr()[0]}
+        row.update(strategy.metrics())
+        strategy.before_eval()
+        if job.test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last):
+            row["test_loss"], row["test_acc"] = evaluate(model, job.test_split, world, device)
+        row["wall_s"] = time.perf_counter() - t_start
+        metrics.append(row)
+        if world.is_root:
+            log.info("epoch {epoch}: step {step}, train_loss {train_loss:.4f}".format(**row)
+                     + (", test_loss {test_loss:.4f}, test_acc {test_acc:.4f}".format(**row)
+                        if "test_acc" in row else "")
+                     + f", {row['samples_per_s']:.0f} samples/s")
+        if last:
+            break
     if world.is_root:
-        log.info(f"outputs in {run_dir}/ (config.toml, metrics.jsonl)")
-    return row, model
+        log.info(f"outputs in {job.run_dir}/ (config.toml, metrics.jsonl)")
+    return row

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # README command 2: set up, then run the whole test suite:
-#   1. in-process MPI tests at world sizes 1, 2 and 4 (mpiexec ... python -m mpi4py -m pytest --with-mpi)
+#   1. in-process MPI tests at world sizes 1, 2, 3 and 4 (mpiexec ... python -m mpi4py -m pytest --with-mpi)
 #   2. launcher tests that spawn their own mpiexec jobs at 1, 2 and 4 ranks (plain pytest)
-# Env: NPS="1 2 4" world sizes; PYTEST_ARGS extra pytest arguments (e.g. "-k sampler").
+# Env: NPS="1 2 3 4" world sizes; PYTEST_ARGS extra pytest arguments (e.g. "-k sampler").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 . scripts/mpienv.sh
 . .venv/bin/activate
-NPS=${NPS:-1 2 4}
+NPS=${NPS:-1 2 3 4}
 read -r -a EXTRA <<< "${PYTEST_ARGS:-}"
 COMMON=(-q -ra --timeout=300 --timeout-method=thread "${EXTRA[@]}")
 declare -A took

@@ -17,6 +17,8 @@ def run(world, shared_tmp, digits_h5, name, strategy, **sections):
     sections["sync"] = {"strategy": strategy, **sections.get("sync", {})}
     cfg = make_cfg(shared_tmp / name, digits_h5, **sections)
     row, model = train(cfg, world, world.logger())
+    if model is None:  # a dedicated server rank
+        return row, None
     return row, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
@@ -62,3 +64,29 @@ def test_reaches_95_percent_on_digits(world, shared_tmp, digits_h5, strategy, sy
                  optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "warmup_epochs": 1},
                  train={"batch_size": 16, "epochs": 8})
     assert row["test_acc"] >= 0.95, row
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+@pytest.mark.parametrize("strategy", ["ps_sync", "ssp", "async"])
+def test_dedicated_servers(world, shared_tmp, digits_h5, servers, strategy):
+    """The last `servers` ranks only host the store; ps_sync then equals allreduce among
+    the workers. Needs at least one worker: with fewer ranks it is a clear error."""
+    from mpitrain.errors import AgreedError
+
+    if world.size <= servers:
+        with pytest.raises(AgreedError, match="leaves no worker"):
+            run(world, shared_tmp, digits_h5, "ded", strategy, sync={"servers": servers})
+        return
+    row, got = run(world, shared_tmp, digits_h5, "ded", strategy, sync={"servers": servers})
+    is_server = world.rank >= world.size - servers
+    workers = world.split(1 if is_server else 0)
+    workers.parent = None  # the reference runs on the workers alone
+    if not is_server:
+        assert row["step"] == 10 and "test_acc" in row
+        if strategy == "ps_sync":
+            _, ref = run(workers, shared_tmp, digits_h5, "ref", "allreduce")
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    else:
+        assert row == {} and got is None
+    workers.comm.Free()
+    world.comm.Barrier()

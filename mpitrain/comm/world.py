@@ -21,6 +21,7 @@ class World:
     size: int
     local_rank: int
     local_size: int
+    parent: "World | None" = None  # the whole job, when this world is a subset (e.g. the workers)
 
     @classmethod
     def create(cls, base: MPI.Intracomm | None = None) -> "World":
@@ -78,6 +79,33 @@ class World:
             r = failed[0]
             raise AgreedError(errs[r] if self.size == 1 or len(failed) == self.size else f"{errs[r]} (rank {r})")
         return result
+
+    def split(self, color: int) -> "World":
+        """Collective: the sub-world of the ranks with the same color (parent = self)."""
+        sub = self.comm.Split(color, self.rank)
+        w = World.create(sub)
+        sub.Free()
+        w.parent = self
+        return w
+
+    def agree_job(self, fn, *args, **kwargs):
+        """Collective over the whole job (parent, if any): like agree, so ranks outside this
+        world (e.g. parameter servers waiting in `serve`) learn about a failure too."""
+        if self.parent is None:
+            return self.agree(fn, *args, **kwargs)
+        err = None
+        try:
+            result = fn(*args, **kwargs)
+        except UserError as e:
+            err, result = str(e), None
+        self.parent.raise_any(err)
+        return result
+
+    def raise_any(self, err: str | None) -> None:
+        """Collective: raise AgreedError on every rank if any rank passes an error."""
+        errs = [e for e in self.comm.allgather(err) if e is not None]
+        if errs:
+            raise AgreedError(errs[0])
 
     def bcast_str(self, value: str | None) -> str:
         """Collective: rank 0's string on every rank."""

@@ -65,6 +65,32 @@ def create(cfg, world, log=None) -> Strategy:
     return cls(cfg, world, log)
 
 
+def roles(cfg, world, log=None):
+    """Collective: (training world, None), or on a dedicated server rank (None, serve).
+
+    With sync.servers = k > 0 the last k ranks only host the parameter store; the others
+    train in a sub-world whose parent is the whole job."""
+    k = cfg.sync.servers
+    if k == 0:
+        return world, None
+    cls = world.agree(_server_class, cfg, world)
+    is_server = world.rank >= world.size - k
+    sub = world.split(1 if is_server else 0)
+    if not is_server:
+        return sub, None
+    return None, lambda: cls.serve(cfg, world, sub, log)
+
+
+def _server_class(cfg, world):
+    k, cls = cfg.sync.servers, REGISTRY.get(cfg.sync.strategy)
+    if cls is None or not hasattr(cls, "serve"):
+        raise UserError(f"sync.servers = {k} needs a parameter-server strategy "
+                        f"(ps_sync, ssp, async), not {cfg.sync.strategy!r}")
+    if k >= world.size:
+        raise UserError(f"sync.servers = {k} leaves no worker among {world.size} ranks")
+    return cls
+
+
 def broadcast_model(model: torch.nn.Module, world) -> None:
     """Collective: every rank gets rank 0's parameters and buffers."""
     from ..comm import buffers

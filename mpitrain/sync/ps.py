@@ -60,24 +60,45 @@ class _StoreStrategy:
         self.bytes_last = 0
         self.steps_last = 0
 
-    def staleness(self) -> int:
+    @classmethod
+    def staleness_of(cls, cfg) -> int:
         return 0
 
     def setup(self, model, optimizer):
         broadcast_model(model, self.world)
         self.flat = FlatModel(model)
         self.optimizer = optimizer
-        o, s = self.cfg.optim, self.cfg.sync
-        if s.servers:
-            raise UserError("sync.servers > 0 (dedicated server ranks) is not implemented yet; use 0")
-        self.kv = KVStore(self.world, self.mode, optimizer=o.name, lr=optimizer.param_groups[0]["lr"],
-                          momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-                          betas=o.betas, staleness=self.staleness(), dc_lambda=s.dc_lambda,
-                          rescale=1.0, timeout=s.timeout_s or None)
+        self.kv = self.make_store(self.cfg, self.world.parent or self.world, self.world,
+                                  optimizer.param_groups[0]["lr"])
         self.kv.init("params", self.flat.flat)
         if self.log and self.world.is_root:
-            self.log.info(f"{self.name}: {self.flat.flat.numel():,} parameters in RMA windows over "
-                          f"{self.world.size} ranks, store-side {o.name}")
+            where = (f"{self.cfg.sync.servers} dedicated server ranks" if self.cfg.sync.servers
+                     else f"all {self.world.size} ranks")
+            self.log.info(f"{self.name}: {self.flat.flat.numel():,} parameters in RMA windows on {where}, "
+                          f"store-side {self.cfg.optim.name}")
+
+    @classmethod
+    def make_store(cls, cfg, job, workers, lr=0.0) -> KVStore:
+        """Collective over the whole job: the store, sharded over all ranks or the servers."""
+        o, s = cfg.optim, cfg.sync
+        owners = list(range(job.size - s.servers, job.size)) if s.servers else None
+        return KVStore(job, cls.mode, optimizer=o.name, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
+                       weight_decay=o.weight_decay, betas=o.betas, staleness=cls.staleness_of(cfg),
+                       dc_lambda=s.dc_lambda, rescale=1.0, owners=owners, workers=job.size - s.servers,
+                       barrier_comm=workers.comm if workers is not None else None, timeout=s.timeout_s or None)
+
+    @classmethod
+    def serve(cls, cfg, job, servers, log=None):
+        """Collective (dedicated server rank): agree on the workers' set-up, host the shards,
+        return when the workers close the store. Workers apply the updates themselves (one-
+        sided), so a server only keeps its windows reachable (progress thread)."""
+        job.raise_any(None)  # the workers' set-up succeeded (else: their error, here too)
+        kv = cls.make_store(cfg, job, None)
+        kv.init("params", torch.empty(0))
+        if log and servers.is_root:
+            log.info(f"server ranks {job.size - cfg.sync.servers}..{job.size - 1}: hosting "
+                     f"{kv.keys['params'].n:,} parameters")
+        kv.close()
 
     def loss_weight(self, global_count):
         # each push is this rank's share of the global-batch mean: summed (sync, ssp) they
@@ -141,8 +162,9 @@ class SSP(_StoreStrategy):
 
     mode = "sync"
 
-    def staleness(self):
-        return self.cfg.sync.staleness
+    @classmethod
+    def staleness_of(cls, cfg):
+        return cfg.sync.staleness
 
 
 @register("async")
