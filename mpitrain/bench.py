@@ -233,3 +233,53 @@ def allreduce(args, world, log) -> None:
 def _split(n: int, k: int) -> list[int]:
     base, extra = divmod(n, k)
     return [c for c in [base + (1 if i < extra else 0) for i in range(k)] if c > 0]
+
+
+STRAGGLER_RUNS = [
+    ("allreduce", ["sync.strategy=allreduce"]),
+    ("ps_sync", ["sync.strategy=ps_sync"]),
+    ("ssp s=1", ["sync.strategy=ssp", "sync.staleness=1"]),
+    ("ssp s=3", ["sync.strategy=ssp", "sync.staleness=3"]),
+    ("async", ["sync.strategy=async"]),
+    ("async, dynamic batches", ["sync.strategy=async", "data.mode=replicated", "data.assign=dynamic"]),
+]
+
+
+def straggler(args, world, log) -> None:
+    """Collective: the same job under each strategy with one rank `factor` x slower;
+    throughput, time to the target accuracy and final accuracy, with ratios to allreduce."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from . import config
+    from .train import train
+
+    slow = args.rank if world.size > 1 else -1
+    base = [f"train.slowdown_rank={slow}", f"train.slowdown_factor={args.factor}", "train.progress=false",
+            f"train.epochs={args.epochs}", *args.overrides]
+    level = log.level
+    log.setLevel(logging.WARNING)
+    results = {}
+    for name, extra in STRAGGLER_RUNS:
+        out = Path(args.out) / name.replace(" ", "").replace(",", "-").replace("=", "")
+        cfg = world.agree(config.load, args.job, base + extra + [f"output.dir={out}"])
+        world.comm.Barrier()
+        train(cfg, world, log)
+        if world.is_root:
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            hit = next((r["wall_s"] for r in rows if r.get("test_acc", 0) >= args.target), None)
+            results[name] = (statistics.median(r["samples_per_s"] for r in rows), hit, rows[-1]["test_acc"],
+                             max((r.get("staleness_max", 0) for r in rows), default=0))
+    log.setLevel(level)
+    if not world.is_root:
+        return
+    print(f"# mpitrain bench straggler: {world.size} ranks, rank {slow} {args.factor}x slower, {args.job} "
+          f"{args.epochs} epochs, target test accuracy {args.target}, {date.today()}")
+    sync_rate, sync_hit, sync_acc, _ = results["allreduce"]
+    print(f"{'strategy':24s} {'samples/s':>10s} {'x sync':>7s} {'t->target s':>12s} {'x sync':>7s} "
+          f"{'final acc':>9s} {'max stale':>9s}")
+    for name, (rate, hit, acc, stale) in results.items():
+        t = f"{hit:12.1f}" if hit is not None else f"{'never':>12s}"
+        speed = f"{sync_hit / hit:7.2f}" if hit and sync_hit else f"{'-':>7s}"
+        print(f"{name:24s} {rate:10.0f} {rate / sync_rate:7.2f} {t} {speed} {acc:9.4f} {stale:9d}")

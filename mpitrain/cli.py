@@ -66,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--iters", type=int, default=10)
     ba.add_argument("--bucket-mb", type=float, default=25.0)
     ba.add_argument("--overlap", default="auto", choices=("auto", "thread", "nonblocking", "none"))
+    bg = bs.add_parser("straggler", help="one slow rank: throughput and time to accuracy per strategy")
+    bg.add_argument("--job", default="jobs/digits.toml")
+    bg.add_argument("--rank", type=int, default=1, help="the slow rank")
+    bg.add_argument("--factor", type=float, default=2.0, help="its steps take factor x its compute time")
+    bg.add_argument("--epochs", type=int, default=10)
+    bg.add_argument("--target", type=float, default=0.97, help="test accuracy for time-to-target")
+    bg.add_argument("--out", default="runs/bench-straggler")
+    bg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return p
 
 

@@ -43,6 +43,8 @@ class DataCfg:
     shuffle: str = _opt("auto", choices=("auto", "global", "shard", "none"),
                         help="auto = global when replicated, shard when partitioned")
     read_chunk: int = _opt(65536, gt=0, help="samples per collective HDF5 read")
+    assign: str = _opt("static", choices=("static", "dynamic"),
+                       help="dynamic: batches claimed first come, first served (async + replicated only)")
 
 
 @dataclass(frozen=True)

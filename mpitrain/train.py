@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import sync
 from .data import hdf5
-from .data.sampler import DistributedSampler, shard_bounds
+from .data.sampler import DistributedSampler, DynamicSampler, shard_bounds
 from .errors import UserError
 from .metrics import MetricsLog
 from .models import build_model, build_optimizer, build_schedule
@@ -27,6 +27,9 @@ def configure_threads(cfg, world) -> int:
 
 
 def sampler_scope(cfg) -> str:
+    if cfg.data.assign == "dynamic" and (cfg.data.mode != "replicated" or cfg.sync.strategy != "async"):
+        raise UserError("data.assign = 'dynamic' needs data.mode = 'replicated' and sync.strategy = 'async' "
+                        "(ranks then run different numbers of steps)")
     scope = cfg.data.shuffle
     if scope == "auto":
         return "global" if cfg.data.mode == "replicated" else "shard"
@@ -97,8 +100,10 @@ def build(cfg, world, log) -> Job:
     torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
     model = world.agree(build_model, cfg.model, meta.input_shape, meta.num_classes).to(device)
     optimizer = world.agree(build_optimizer, cfg.optim, model.parameters(), world.size)
-    sampler = DistributedSampler(train_split.total, world.size, world.rank, cfg.train.batch_size,
-                                 cfg.train.seed, scope)
+    sampler = (DynamicSampler(world, train_split.total, cfg.train.batch_size, cfg.train.seed, cfg.train.epochs)
+               if cfg.data.assign == "dynamic" else
+               DistributedSampler(train_split.total, world.size, world.rank, cfg.train.batch_size,
+                                  cfg.train.seed, scope))
     schedule = build_schedule(cfg.optim, optimizer, sampler.steps_per_epoch, cfg.train.epochs)
     strategy = world.agree(sync.create, cfg, world, log)
     return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, optimizer,
@@ -118,6 +123,8 @@ def train(cfg, world, log) -> tuple[dict, torch.nn.Module | None]:
         return loop(job), job.model
     finally:
         job.strategy.close()
+        if hasattr(job.sampler, "close"):
+            job.sampler.close()
 
 
 def loop(job: Job) -> dict:
@@ -134,7 +141,7 @@ def loop(job: Job) -> dict:
     step, row = 0, {}
     max_steps = cfg.train.max_steps or float("inf")
     for epoch in range(cfg.train.epochs):
-        t_epoch, loss_sum, seen = time.perf_counter(), 0.0, 0
+        t_epoch, loss_sum, local = time.perf_counter(), 0.0, 0
         show = world.is_root and cfg.train.progress
         bar = tqdm(sampler.epoch(epoch), total=sampler.steps_per_epoch, leave=False, dynamic_ncols=True,
                    disable=None if show else True,  # None: no bar when stderr is not a terminal
@@ -153,15 +160,16 @@ def loop(job: Job) -> dict:
             schedule.step()
             strategy.after_step(step)
             loss_sum += loss.item()
-            seen += batch.global_count
+            local += len(batch.indices)
             step += 1
             if step >= max_steps:
                 break
         train_time = time.perf_counter() - t_epoch
-        train_loss = world.comm.allreduce(loss_sum, op=MPI.SUM) / max(1, seen)
-        last = epoch == cfg.train.epochs - 1 or step >= max_steps
-        row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-               "samples_per_s": seen / train_time, "lr": schedule.get_last_lr()[0]}
+        # the job's throughput: every rank's samples over its own time (ranks may differ)
+        loss_sum, seen, rate = world.comm.allreduce(np.array([loss_sum, local, local / train_time]), op=MPI.SUM)
+        last = epoch == cfg.train.epochs - 1 or world.comm.allreduce(step >= max_steps, op=MPI.LOR)
+        row = {"epoch": epoch + 1, "step": step, "train_loss": float(loss_sum / max(1, seen)),
+               "samples_per_s": float(rate), "lr": schedule.get_last_lr()[0]}
         row.update(strategy.metrics())
         strategy.before_eval()
         if job.test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last):

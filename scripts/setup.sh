@@ -44,7 +44,10 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/nu
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install -q --disable-pip-version-check)
+pip_install() {  # quiet pip; drop this machine's warnings about absent local index folders
+  "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
+}
+PIP=(pip_install)
 stamp="$VENV/.mpitrain-setup"
 want=$(cat setup.cfg pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$TORCH_SPEC-$H5PY_SPEC
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -62,7 +65,8 @@ else
     if ! ls "$whl_dir"/h5py-*.whl >/dev/null 2>&1; then
       say "building h5py against parallel HDF5 $hv (takes ~4 min once; cached in $whl_dir)"
       CC=mpicc HDF5_MPI=ON HDF5_PKGCONFIG_NAME=hdf5-openmpi \
-        "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-binary=h5py "$H5PY_SPEC" -w "$whl_dir"
+        "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-binary=h5py "$H5PY_SPEC" -w "$whl_dir" \
+          2> >(grep -v "^WARNING: Location 'file:" >&2)
     fi
     say "installing h5py from $whl_dir"
     "${PIP[@]}" --force-reinstall --no-deps "$whl_dir"/h5py-*.whl

@@ -132,10 +132,15 @@ def test_bucketing_and_overlap_match_one_flat_allreduce(world):
                 assert torch.equal(got, flat), (overlap, bucket_bytes)
             else:
                 torch.testing.assert_close(got, flat, rtol=1e-6, atol=1e-7)
-    # the overlap mode never changes the arithmetic: identical bits for a fixed bucket layout
+    # a comm thread does not change the arithmetic: identical bits for a fixed bucket layout
     ref = _toy_steps(world, _bucketed("none", 4096))
-    for overlap in ("thread", "nonblocking"):
-        assert torch.equal(_toy_steps(world, _bucketed(overlap, 4096)), ref)
+    assert torch.equal(_toy_steps(world, _bucketed("thread", 4096)), ref)
+    # Iallreduce (Open MPI's libnbc) may associate the sum differently beyond 2 ranks
+    nb = _toy_steps(world, _bucketed("nonblocking", 4096))
+    if world.size <= 2:
+        assert torch.equal(nb, ref)
+    else:
+        torch.testing.assert_close(nb, ref, rtol=1e-6, atol=1e-7)
 
 
 def test_grads_are_views_of_bucket_buffers(world):

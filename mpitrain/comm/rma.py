@@ -202,3 +202,22 @@ class ShardedVector:
     def free(self):
         for w in (self.win_params, self.win_state, self.win_accum, self.win_ctl):
             w.Free()
+
+
+class Counters:
+    """Collective: `count` int64 counters in a window on `host`; fetch_add is atomic."""
+
+    def __init__(self, comm: MPI.Intracomm, count: int, host: int = 0):
+        self.comm, self.host = comm, host
+        self.win, self.local = _alloc(comm, count if comm.Get_rank() == host else 0, 8)
+        comm.Barrier()
+
+    def fetch_add(self, index: int, value: int = 1) -> int:
+        res = np.zeros(1, np.int64)
+        self.win.Lock(self.host, MPI.LOCK_SHARED)
+        self.win.Fetch_and_op([np.array([value], np.int64), I64], [res, I64], self.host, index, op=MPI.SUM)
+        self.win.Unlock(self.host)
+        return int(res[0])
+
+    def free(self):
+        self.win.Free()

@@ -10,6 +10,11 @@ Deterministic from (seed, epoch); resumable from a step. Two scopes:
   np.array_split(range(N), size) and permutes it per epoch with seed (seed, epoch, r).
 - "none": like "global" without shuffling.
 
+`DynamicSampler` (data.assign = "dynamic", for async training on replicated data): the
+global batches of the "global" scope are handed out first come, first served through an
+atomic counter, so a fast worker takes more of them than a straggler; still every sample
+exactly once per epoch, but which rank gets what depends on timing.
+
 Uneven sizes: every rank runs the same number of steps, ceil(N / G) for global/none and
 ceil(largest block / B) for shard; the last batches are smaller and may be empty on some
 ranks. `global_count` (the samples in the step over all ranks) lets the loss be scaled so
@@ -70,3 +75,24 @@ class DistributedSampler:
                 lo, hi = shard_bounds(len(gb), S, self.rank)
                 idx, count = gb[lo:hi], len(gb)
             yield Batch(idx, count)
+
+
+class DynamicSampler:
+    """Collective to create: global batches of `batch_size` claimed through shared counters
+    (one per epoch, in an RMA window on rank 0). Ranks run different numbers of steps."""
+
+    def __init__(self, world, n: int, batch_size: int, seed: int, epochs: int):
+        from ..comm.rma import Counters
+
+        self.n, self.batch, self.seed, self.size = n, batch_size, seed, world.size
+        self.counters = Counters(world.comm, epochs)
+        self.batches_per_epoch = math.ceil(n / batch_size)  # over all ranks together
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / world.size)  # expected per rank (LR schedule)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        while (b := self.counters.fetch_add(epoch)) < self.batches_per_epoch:
+            yield Batch(perm[b * self.batch:(b + 1) * self.batch], self.batch * self.size)
+
+    def close(self):
+        self.counters.free()
