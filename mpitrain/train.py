@@ -165,8 +165,9 @@ def loop(job: Job) -> dict:
             if step >= max_steps:
                 break
         train_time = time.perf_counter() - t_epoch
-        # the job's throughput: every rank's samples over its own time (ranks may differ)
-        loss_sum, seen, rate = world.comm.allreduce(np.array([loss_sum, local, local / train_time]), op=MPI.SUM)
+        # the job's throughput: all samples over the slowest rank's time (ranks may differ)
+        loss_sum, seen = world.comm.allreduce(np.array([loss_sum, local]), op=MPI.SUM)
+        rate = seen / world.comm.allreduce(train_time, op=MPI.MAX)
         last = epoch == cfg.train.epochs - 1 or world.comm.allreduce(step >= max_steps, op=MPI.LOR)
         row = {"epoch": epoch + 1, "step": step, "train_loss": float(loss_sum / max(1, seen)),
                "samples_per_s": float(rate), "lr": schedule.get_last_lr()[0]}

@@ -109,3 +109,13 @@ def test_data_commands(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().startswith("mpitrain: error: data synthetic: --samples")
     r = mpirun(2, "data", "convert", tmp_path / "missing.npz", tmp_path / "y.h5")
     assert r.returncode == 2 and "missing.npz: no such file" in r.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("np_", NPS)
+def test_kvstore_example_script(np_):
+    cmd = ["mpiexec", "-n", str(np_), sys.executable, "-m", "mpi4py", "scripts/kvstore_example.py"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    err = float(r.stdout.rsplit("max error", 1)[1])
+    assert err < 1e-3, r.stdout

@@ -67,3 +67,19 @@ def test_shard_bounds_cover_range():
             assert b[0][0] == 0 and b[-1][1] == n
             assert all(b[i][1] == b[i + 1][0] for i in range(size - 1))
             assert max(hi - lo for lo, hi in b) - min(hi - lo for lo, hi in b) <= 1
+
+
+def test_dynamic_sampler_exactly_once_across_real_ranks(world):
+    from mpitrain.data.sampler import DynamicSampler
+
+    s = DynamicSampler(world, 103, 4, seed=5, epochs=2)
+    try:
+        for epoch in range(2):
+            batches = list(s.epoch(epoch))
+            assert all(b.global_count == 4 * world.size for b in batches)
+            mine = np.concatenate([b.indices for b in batches] + [np.empty(0, dtype=np.int64)])
+            allidx = np.concatenate(world.comm.allgather(mine))
+            assert sorted(allidx.tolist()) == list(range(103))
+    finally:
+        world.comm.Barrier()
+        s.close()
