@@ -29,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("job")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
+    cp = sub.add_parser("compare", help="train a job under several strategies; table + plots")
+    cp.add_argument("spec", help="comparison file, e.g. jobs/compare-digits.toml")
+    rp = sub.add_parser("report", help="rebuild the comparison table and plots from run folders")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", default="runs/report", help="folder for table.md/.csv and the PNGs")
+    rp.add_argument("--target", type=float, default=0.97, help="test accuracy for time-to-target")
+    rp.add_argument("--title", default="")
+
     d = sub.add_parser("data", help="prepare data sets as HDF5").add_subparsers(dest="what", required=True)
     dg = d.add_parser("digits", help="scikit-learn's bundled UCI digits -> data/digits/digits.h5")
     dg.add_argument("--out", default="data/digits/digits.h5")
@@ -99,6 +107,19 @@ def _run(args, world, log) -> None:
             msg = world.agree(_serial_data, args, prepare)
         else:
             msg = world.agree(lambda: None)
+        if world.is_root:
+            print(msg)
+    elif args.cmd == "compare":
+        from . import report
+
+        msg = report.compare(args.spec, world, log)
+        if world.is_root:
+            print(msg)
+    elif args.cmd == "report":
+        from . import report
+
+        msg = world.agree(lambda: report.report(args.runs, args.out, args.target, args.title)
+                          if world.is_root else None)
         if world.is_root:
             print(msg)
     elif args.cmd == "bench":

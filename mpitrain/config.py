@@ -84,6 +84,13 @@ class SyncCfg:
     first_bucket_mb: float = _opt(1.0, gt=0.0, help="smaller first bucket starts comm early")
     staleness: int = _opt(3, min=0, help="ssp: how many clocks a worker may run ahead of the slowest")
     dc_lambda: float = _opt(0.0, min=0.0, help="async: DC-ASGD delay compensation (0 = off; paper: 0.04)")
+    period: int = _opt(4, gt=0, help="local_sgd / post_local_sgd / bmuf / easgd: steps between synchronisations")
+    local_start: int = _opt(100, min=0, help="post_local_sgd: synchronous steps before local SGD")
+    bmuf_momentum: float = _opt(-1.0, min=-1.0, help="bmuf block momentum η (-1 = 1 - 1/N)")
+    bmuf_lr: float = _opt(1.0, gt=0.0, help="bmuf block learning rate ζ")
+    bmuf_nesterov: bool = _opt(True, help="bmuf: restart from W_g + ηΔ (Nesterov) or W_g")
+    easgd_beta: float = _opt(0.9, gt=0.0, help="easgd: center moving rate x p")
+    easgd_alpha: float = _opt(0.0, min=0.0, help="easgd: worker moving rate (0 = β/p)")
     servers: int = _opt(0, min=0, help="dedicated parameter-server ranks (0 = shards on every rank)")
     timeout_s: float = _opt(0.0, min=0.0, help="give up waiting for the store after this long (0 = never)")
     overlap: str = _opt("auto", choices=("auto", "thread", "nonblocking", "none"),

@@ -107,6 +107,15 @@ class KVStore:
                 self.pending[key].append((c, -self.lr * self.rescale * g.copy()))
         self.clock[key] += 1
 
+    def add(self, key: str, delta: torch.Tensor) -> None:
+        """Add delta to the stored values, element-wise atomically, no optimizer (async use,
+        e.g. the EASGD center)."""
+        vec = self._vec(key)
+        d = self._numpy(delta, vec.n)
+        for _, owner, lo, hi in self._order(vec):
+            vec.add_to_params(owner, 0, d[lo:hi])
+        self.bytes_moved += d.nbytes
+
     def pull(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Read the stored value into `out` (sync: waits while it is more than s clocks stale)."""
         vec = self._vec(key)

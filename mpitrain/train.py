@@ -169,12 +169,13 @@ def loop(job: Job) -> dict:
         loss_sum, seen = world.comm.allreduce(np.array([loss_sum, local]), op=MPI.SUM)
         rate = seen / world.comm.allreduce(train_time, op=MPI.MAX)
         last = epoch == cfg.train.epochs - 1 or world.comm.allreduce(step >= max_steps, op=MPI.LOR)
-        row = {"epoch": epoch + 1, "step": step, "train_loss": float(loss_sum / max(1, seen)),
+        row = {"epoch": epoch + 1, "step": step, "ranks": world.size, "train_loss": float(loss_sum / max(1, seen)),
                "samples_per_s": float(rate), "lr": schedule.get_last_lr()[0]}
         row.update(strategy.metrics())
         strategy.before_eval()
         if job.test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last):
             row["test_loss"], row["test_acc"] = evaluate(model, job.test_split, world, device)
+        strategy.after_eval()
         row["wall_s"] = time.perf_counter() - t_start
         metrics.append(row)
         if world.is_root:

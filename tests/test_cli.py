@@ -119,3 +119,22 @@ def test_kvstore_example_script(np_):
     assert r.returncode == 0, r.stderr[-2000:]
     err = float(r.stdout.rsplit("max error", 1)[1])
     assert err < 1e-3, r.stdout
+
+
+@pytest.mark.timeout(300)
+def test_compare_and_report_commands(tmp_path, digits):
+    spec = tmp_path / "cmp.toml"
+    spec.write_text(f'job = "{ROOT}/jobs/digits.toml"\nout = "{tmp_path}/cmp"\ntarget = 0.5\n'
+                    f'set = ["train.epochs=2", "data.path={digits}", "model.name=mlp"]\n'
+                    '[[run]]\nname = "allreduce"\nset = ["sync.strategy=allreduce"]\n'
+                    '[[run]]\nname = "local H=2"\nset = ["sync.strategy=local_sgd", "sync.period=2"]\n')
+    r = mpirun(2, "compare", spec, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "cmp"
+    for name in ("table.md", "table.csv", "accuracy_vs_time.png", "accuracy_vs_epoch.png"):
+        assert (out / name).is_file()
+    assert "local H=2" in (out / "table.md").read_text()
+    r = mpirun(1, "report", out / "allreduce", out / "local-H-2", "--out", tmp_path / "again")
+    assert r.returncode == 0 and (tmp_path / "again" / "table.csv").is_file(), r.stderr
+    r = mpirun(2, "report", tmp_path / "nope", "--out", tmp_path / "x")
+    assert r.returncode == 2 and r.stderr.strip() == f"mpitrain: error: {tmp_path / 'nope'}: no such run folder"

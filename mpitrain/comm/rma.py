@@ -131,6 +131,13 @@ class ShardedVector:
             self.win_params.Put([np.ascontiguousarray(values[a:b]), F32], owner, target=(0, b - a, F32))
             self.win_params.Unlock(owner)
 
+    def add_to_params(self, owner: int, disp: int, delta: np.ndarray):
+        """params[disp:disp+len(delta)] += delta on owner, atomically w.r.t. readers
+        (exclusive lock: MPI makes Accumulate atomic only against other accumulates)."""
+        self.win_params.Lock(owner, MPI.LOCK_EXCLUSIVE)
+        self.win_params.Accumulate([delta, F32], owner, target=(disp, len(delta), F32), op=MPI.SUM)
+        self.win_params.Unlock(owner)
+
     def accumulate(self, owner: int, slot: int, m: int, delta: np.ndarray):
         """Add delta (a whole shard) into accumulator `slot` of owner and wait until it landed."""
         self.win_accum.Lock(owner, MPI.LOCK_SHARED)

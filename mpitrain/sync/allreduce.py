@@ -47,6 +47,9 @@ class AllreduceStrategy:
     def before_eval(self):
         pass
 
+    def after_eval(self):
+        pass
+
     def metrics(self):
         # what each rank sends in a bandwidth-optimal (ring) allreduce of all buckets
         n = self.world.size

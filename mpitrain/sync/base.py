@@ -33,6 +33,9 @@ class Strategy(Protocol):
     def before_eval(self) -> None:
         """Collective: make the local model the one to evaluate (e.g. pull the latest)."""
 
+    def after_eval(self) -> None:
+        """Undo what before_eval changed for evaluation only (e.g. EASGD's center)."""
+
     def metrics(self) -> dict:
         """Per-epoch figures for metrics.jsonl, at least comm_bytes_per_step (sent by
         this rank); called once per epoch."""

@@ -18,36 +18,7 @@ import torch
 from ..errors import UserError
 from ..kvstore import KVStore
 from .base import broadcast_model, register
-
-
-class FlatModel:
-    """Parameters and gradients of a CPU model as views of two flat float32 buffers."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if any(p.is_cuda or p.dtype != torch.float32 for p in self.params):
-            raise UserError("parameter-server strategies need float32 CPU parameters (train.device = 'cpu')")
-        n = sum(p.numel() for p in self.params)
-        self.flat = torch.empty(n)
-        self.grad = torch.zeros(n)
-        off = 0
-        with torch.no_grad():
-            for p in self.params:
-                k = p.numel()
-                self.flat[off:off + k].copy_(p.reshape(-1))
-                p.data = self.flat[off:off + k].view_as(p)
-                off += k
-        self.attach_grads()
-
-    def attach_grads(self):
-        off = 0
-        for p in self.params:
-            p.grad = self.grad[off:off + p.numel()].view_as(p)
-            off += p.numel()
-
-    def detach_grads(self):
-        for p in self.params:
-            p.grad = None
+from .flat import FlatModel
 
 
 class _StoreStrategy:
@@ -67,6 +38,9 @@ class _StoreStrategy:
     def setup(self, model, optimizer):
         broadcast_model(model, self.world)
         self.flat = FlatModel(model)
+        if self.flat.flat.is_cuda:
+            raise UserError(f"sync.strategy = {self.name!r} keeps parameters in host RMA windows: "
+                            "use train.device = 'cpu'")
         self.optimizer = optimizer
         self.kv = self.make_store(self.cfg, self.world.parent or self.world, self.world,
                                   optimizer.param_groups[0]["lr"])
@@ -127,6 +101,9 @@ class _StoreStrategy:
         with torch.no_grad():
             self.kv.pull("params", self.flat.flat)
         self.kv.staleness = saved
+
+    def after_eval(self):
+        pass
 
     def metrics(self) -> dict:
         seen = self.kv.staleness_seen

@@ -1,0 +1,228 @@
+"""Strategy comparison: run a job under several strategies, then tabulate and plot.
+
+`mpitrain compare FILE.toml` trains the same base job once per `[[run]]` (in turn, at the
+current world size) and writes into `out`: table.md, table.csv, accuracy_vs_time.png and
+accuracy_vs_epoch.png. `mpitrain report RUN_DIR...` rebuilds them from existing runs'
+metrics.jsonl (rank 0 only, no MPI needed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+COLUMNS = ["run", "strategy", "ranks", "epochs", "final_test_acc", "best_test_acc", "time_to_target_s",
+           "samples_per_s", "comm_bytes_per_step", "wall_s"]
+
+
+@dataclass
+class RunSummary:
+    name: str
+    strategy: str
+    ranks: int | None
+    rows: list[dict]
+    target: float
+
+    def values(self) -> dict:
+        acc = [r for r in self.rows if "test_acc" in r]
+        hit = next((r["wall_s"] for r in acc if r["test_acc"] >= self.target), None)
+        comm = [r["comm_bytes_per_step"] for r in self.rows if "comm_bytes_per_step" in r]
+        return {"run": self.name, "strategy": self.strategy, "ranks": self.ranks, "epochs": self.rows[-1]["epoch"],
+                "final_test_acc": acc[-1]["test_acc"] if acc else None,
+                "best_test_acc": max(r["test_acc"] for r in acc) if acc else None,
+                "time_to_target_s": hit,
+                "samples_per_s": statistics.median(r["samples_per_s"] for r in self.rows),
+                "comm_bytes_per_step": statistics.mean(comm) if comm else None,
+                "wall_s": self.rows[-1]["wall_s"]}
+
+
+def load_run(run_dir: str | Path, target: float) -> RunSummary:
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise UserError(f"{d}: no such run folder")
+    mfile = d / "metrics.jsonl"
+    if not mfile.is_file():
+        raise UserError(f"{d}: not a run folder (no metrics.jsonl)")
+    rows = []
+    for i, line in enumerate(mfile.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{mfile}:{i}: not a JSON line") from None
+    if not rows:
+        raise UserError(f"{mfile}: empty (the run did not finish an epoch)")
+    missing = [k for k in ("epoch", "samples_per_s", "wall_s") if k not in rows[-1]]
+    if missing:
+        raise UserError(f"{mfile}: rows lack {', '.join(missing)}")
+    strategy, ranks, name = "?", None, d.name
+    cfile = d / "config.toml"
+    if cfile.is_file():
+        try:
+            cfg = tomllib.loads(cfile.read_text())
+            strategy = cfg.get("sync", {}).get("strategy", "?")
+            name = cfg.get("output", {}).get("name") or name
+        except tomllib.TOMLDecodeError:
+            raise UserError(f"{cfile}: malformed TOML") from None
+    ranks = rows[-1].get("ranks")
+    return RunSummary(name, strategy, ranks, rows, target)
+
+
+def _fmt(v, kind):
+    if v is None:
+        return "—"
+    fmt = {"acc": "{:.4f}".format, "s": "{:.1f}".format, "rate": "{:,.0f}".format, "bytes": _human}
+    return fmt.get(kind, str)(v)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return str(n)
+
+
+def write_report(runs: list[RunSummary], out: str | Path, target: float, title: str = "") -> list[Path]:
+    """Write table.md, table.csv and the two PNG plots; returns their paths."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create report folder: {e.strerror}") from None
+    vals = [r.values() for r in runs]
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(vals)
+    kinds = {"final_test_acc": "acc", "best_test_acc": "acc", "time_to_target_s": "s", "samples_per_s": "rate",
+             "comm_bytes_per_step": "bytes", "wall_s": "s"}
+    heads = ["run", "strategy", "ranks", "epochs", "final test acc", "best test acc", f"time to {target:.0%} (s)",
+             "samples/s", "comm bytes/step (per rank)", "wall (s)"]
+    lines = [f"# {title}" if title else "# strategy comparison", "",
+             "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for v in vals:
+        lines.append("| " + " | ".join(_fmt(v[c], kinds.get(c)) for c in COLUMNS) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    return [out / "table.md", out / "table.csv", *_plots(runs, out, target, title)]
+
+
+def _plots(runs, out, target, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for xkey, xlabel, fname in (("wall_s", "wall time (s)", "accuracy_vs_time.png"),
+                                ("epoch", "epoch", "accuracy_vs_epoch.png")):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+        lo = 1.0
+        for r in runs:
+            pts = [(row[xkey], row["test_acc"]) for row in r.rows if "test_acc" in row]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, label=f"{r.name}")
+                lo = min(lo, min(ys))
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.0%}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(max(0.0, math.floor(min(lo, target) * 20) / 20 - 0.05), 1.0)
+        ax.set_title(title or "test accuracy per strategy")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname)
+        plt.close(fig)
+        paths.append(out / fname)
+    return paths
+
+
+def report(run_dirs: list[str], out: str, target: float, title: str = "") -> str:
+    runs = [load_run(d, target) for d in run_dirs]
+    paths = write_report(runs, out, target, title)
+    return "wrote " + ", ".join(str(p) for p in paths)
+
+
+# -- compare -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompareSpec:
+    job: Path
+    out: Path
+    target: float
+    overrides: tuple[str, ...]
+    runs: tuple[tuple[str, tuple[str, ...]], ...]
+    title: str
+
+
+def load_compare(path: str) -> CompareSpec:
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such comparison file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{p}: malformed TOML: {e}") from None
+    known = {"job", "out", "target", "set", "run", "title"}
+    for k in raw:
+        if k not in known:
+            raise UserError(f"{p}: unknown key {k} (known: {', '.join(sorted(known))})")
+    if not isinstance(raw.get("job"), str):
+        raise UserError(f"{p}: job: expected the base job file (a string)")
+    job = (p.parent / raw["job"]) if not Path(raw["job"]).is_absolute() else Path(raw["job"])
+    target = raw.get("target", 0.97)
+    if not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise UserError(f"{p}: target: expected a number in (0, 1], got {target!r}")
+    runs, names = [], set()
+    for i, r in enumerate(raw.get("run", [])):
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str) or set(r) - {"name", "set"}:
+            raise UserError(f"{p}: run[{i}]: expected a table with name and set")
+        if r["name"] in names:
+            raise UserError(f"{p}: run name {r['name']!r} appears twice")
+        names.add(r["name"])
+        runs.append((r["name"], tuple(_strings(p, f"run[{i}].set", r.get("set", [])))))
+    if not runs:
+        raise UserError(f"{p}: no [[run]] tables")
+    return CompareSpec(job, Path(raw.get("out", f"runs/{p.stem}")), float(target),
+                       tuple(_strings(p, "set", raw.get("set", []))), tuple(runs), str(raw.get("title", p.stem)))
+
+
+def _strings(p, key, v):
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise UserError(f"{p}: {key}: expected a list of 'section.key=value' strings")
+    return v
+
+
+def compare(path: str, world, log) -> str | None:
+    """Collective: train the base job once per run, then (rank 0) write the report."""
+    import logging
+
+    from . import config
+    from .train import train
+
+    spec = world.agree(load_compare, path)
+    cfgs = [world.agree(config.load, spec.job, [*spec.overrides, *extra, f"output.dir={spec.out / _slug(name)}",
+                                                f"output.name={name}"])
+            for name, extra in spec.runs]  # validate every run before training any
+    level = log.level
+    for cfg in cfgs:
+        if world.is_root:
+            log.info(f"compare: {cfg.output.name} ({cfg.sync.strategy})")
+        log.setLevel(logging.WARNING)
+        train(cfg, world, log)
+        log.setLevel(level)
+    if world.is_root:
+        title = f"{spec.title}: {world.size} ranks"
+        return report([str(c.run_dir) for c in cfgs], str(spec.out), spec.target, title)
+    return None
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-")

@@ -1,0 +1,69 @@
+"""Comparison report: table columns and plots from run folders; clear errors for bad ones."""
+
+import csv
+import json
+
+import pytest
+
+from mpitrain import report
+from mpitrain.errors import UserError
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.mpi
+
+
+def fake_run(d, strategy, accs, rate=1000.0):
+    d.mkdir(parents=True)
+    (d / "config.toml").write_text(f'[sync]\nstrategy = "{strategy}"\n[output]\nname = "{d.name}"\n')
+    with open(d / "metrics.jsonl", "w") as f:
+        for e, acc in enumerate(accs, 1):
+            f.write(json.dumps({"epoch": e, "step": 10 * e, "ranks": 2, "train_loss": 1.0 / e, "test_loss": 1.0,
+                                "test_acc": acc, "samples_per_s": rate, "wall_s": 2.0 * e,
+                                "comm_bytes_per_step": 4096.0}) + "\n")
+
+
+def test_report_files_and_columns(tmp_path):
+    fake_run(tmp_path / "a", "allreduce", [0.5, 0.9, 0.98])
+    fake_run(tmp_path / "b", "local_sgd", [0.4, 0.8, 0.95], rate=2000.0)
+    msg = report.report([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"), 0.97, "t")
+    for name in ("table.md", "table.csv", "accuracy_vs_time.png", "accuracy_vs_epoch.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0 and name in msg
+    rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
+    assert list(rows[0]) == report.COLUMNS
+    assert rows[0]["strategy"] == "allreduce" and float(rows[0]["time_to_target_s"]) == 6.0
+    assert rows[1]["time_to_target_s"] == "" and float(rows[1]["samples_per_s"]) == 2000.0
+    assert float(rows[1]["final_test_acc"]) == 0.95 and float(rows[0]["comm_bytes_per_step"]) == 4096
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "| a | allreduce | 2 | 3 | 0.9800 |" in md and "4.1 KB" in md
+    assert (tmp_path / "out" / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "no such run folder"),
+    (lambda d: d.mkdir(), "not a run folder (no metrics.jsonl)"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "empty"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("{oops\n")), "metrics.jsonl:1: not a JSON line"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"epoch": 1}\n')), "rows lack samples_per_s"),
+])
+def test_bad_run_folders(tmp_path, make, message):
+    make(tmp_path / "r")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        report.report([str(tmp_path / "r")], str(tmp_path / "out"), 0.97)
+
+
+def test_compare_file_validation(tmp_path):
+    bad = {
+        "nothing = 1\n": "unknown key nothing",
+        'job = "x.toml"\n': "no [[run]] tables",
+        'job = "x.toml"\ntarget = 2\n[[run]]\nname = "a"\n': "target: expected a number in (0, 1]",
+        'job = "x.toml"\n[[run]]\nname = "a"\n[[run]]\nname = "a"\n': "run name 'a' appears twice",
+        'job = "x.toml"\n[[run]]\nname = "a"\nset = "sync.strategy=x"\n': "expected a list",
+    }
+    for text, message in bad.items():
+        (tmp_path / "c.toml").write_text(text)
+        with pytest.raises(UserError) as e:
+            report.load_compare(str(tmp_path / "c.toml"))
+        assert message in str(e.value), (text, str(e.value))
+    spec = report.load_compare(str(ROOT / "jobs" / "compare-digits.toml"))
+    assert spec.job.name == "digits.toml" and len(spec.runs) >= 8
