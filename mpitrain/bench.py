@@ -257,6 +257,7 @@ def straggler(args, world, log) -> None:
 
     slow = args.rank if world.size > 1 else -1
     base = [f"train.slowdown_rank={slow}", f"train.slowdown_factor={args.factor}", "train.progress=false",
+            "train.resume=never", "output.checkpoint_every=0",
             f"train.epochs={args.epochs}", *args.overrides]
     level = log.level
     log.setLevel(logging.WARNING)

@@ -8,6 +8,7 @@ import sys
 
 from . import __version__
 from .errors import EXIT_USAGE, AgreedError, UserError
+from .faults import EXIT_STOPPED, Stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,7 +16,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="mpitrain",
         description="Data-parallel PyTorch training over MPI. Launch every rank with: "
                     "mpiexec -n N python -m mpi4py -m mpitrain train JOB.toml",
-        epilog=f"Exit codes: 0 ok, {EXIT_USAGE} bad input (one line on stderr), 1 internal error.")
+        epilog=f"Exit codes: 0 ok, {EXIT_USAGE} bad input (one line on stderr), {EXIT_STOPPED} stopped by "
+               "SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (rerun to resume), 1 internal error.")
     p.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -36,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="runs/report", help="folder for table.md/.csv and the PNGs")
     rp.add_argument("--target", type=float, default=0.97, help="test accuracy for time-to-target")
     rp.add_argument("--title", default="")
+
+    ip = sub.add_parser("inspect", help="what a checkpoint holds and whether its checksums match")
+    ip.add_argument("checkpoint")
 
     d = sub.add_parser("data", help="prepare data sets as HDF5").add_subparsers(dest="what", required=True)
     dg = d.add_parser("digits", help="scikit-learn's bundled UCI digits -> data/digits/digits.h5")
@@ -122,6 +127,12 @@ def _run(args, world, log) -> None:
                           if world.is_root else None)
         if world.is_root:
             print(msg)
+    elif args.cmd == "inspect":
+        from . import checkpoint
+
+        msg = world.agree(lambda: checkpoint.describe(args.checkpoint) if world.is_root else None)
+        if world.is_root:
+            print(msg)
     elif args.cmd == "bench":
         from . import bench
 
@@ -135,6 +146,9 @@ def _serial_data(args, prepare):
 
 
 def main(argv=None) -> None:
+    from .faults import stop_flag
+
+    stop_flag()  # catch SIGTERM/SIGUSR1/SIGINT from the very start
     args = _parser().parse_args(argv)
     from .comm import World
 
@@ -142,6 +156,10 @@ def main(argv=None) -> None:
     log = world.logger()
     try:
         _run(args, world, log)
+    except Stopped as e:  # every rank agreed to stop and the checkpoint is written
+        if world.is_root:
+            log.warning(str(e))
+        _exit(EXIT_STOPPED)
     except UserError as e:
         if args.debug:
             raise

@@ -73,6 +73,7 @@ class TrainCfg:
     device: str = _opt("cpu", choices=("cpu", "cuda", "auto"))
     progress: bool = _opt(True, help="tqdm bar on rank 0")
     eval_every: int = _opt(1, gt=0, help="evaluate every this many epochs (and at the end)")
+    resume: str = _opt("auto", help="auto (newest valid checkpoint in the run folder), never, or a path")
     slowdown_rank: int = _opt(-1, min=-1, help="straggler injection: this rank sleeps (-1 = none)")
     slowdown_factor: float = _opt(1.0, min=1.0, help="... so its steps take factor x its compute time")
 
@@ -107,6 +108,8 @@ class CommCfg:
 class OutputCfg:
     dir: str = _opt("runs/{name}", help="run folder; {name} = output.name")
     name: str = _opt("", help="run name (default: the job file's stem)")
+    checkpoint_every: int = _opt(500, min=0, help="steps between checkpoints (0 = only at the end / on stop)")
+    keep: int = _opt(2, gt=0, help="newest checkpoints to keep")
 
 
 @dataclass(frozen=True)

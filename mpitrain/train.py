@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +14,11 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from tqdm import tqdm
 
-from . import sync
+from . import state, sync
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler, shard_bounds
 from .errors import UserError
+from .faults import StopFlag, Stopped, stop_flag
 from .metrics import MetricsLog
 from .models import build_model, build_optimizer, build_schedule
 
@@ -48,11 +51,17 @@ def prepare_run_dir(cfg, world) -> Path:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "config.toml").write_text(cfg.dumps())
-                (run_dir / "metrics.jsonl").write_text("")
+                (run_dir / "metrics.jsonl").touch()
             except OSError as e:
                 raise UserError(f"output.dir: cannot write to {run_dir}: {e.strerror}") from None
     world.agree(make)
     return run_dir
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics rows up to `step` (a resumed run rewrites the later ones)."""
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 @torch.no_grad()
@@ -117,20 +126,44 @@ def train(cfg, world, log) -> tuple[dict, torch.nn.Module | None]:
         serve()
         return {}, None
     job = world.agree_job(build, cfg, world, log)  # servers, if any, learn of a failure too
+    stop = stop_flag()
     try:
+        snap = state.find(job)
+        pos = world.agree(state.restore, job, snap) if snap else state.Position()
+        if world.is_root:
+            if snap:
+                trim_metrics(job.run_dir / "metrics.jsonl", pos.step)
+                log.info(f"resuming from step {pos.step} (epoch {pos.epoch + 1}, checkpoint written at "
+                         f"{snap.world_size} ranks)")
+            else:
+                (job.run_dir / "metrics.jsonl").write_text("")
         job.strategy.setup(job.model, job.optimizer)
+        if snap:
+            job.strategy.load_state_dict(snap.strategy_state)
         torch.manual_seed(cfg.train.seed * 7919 + world.rank)  # per-rank stream (dropout)
-        return loop(job), job.model
+        if snap and world.rank < len(snap.rng):
+            torch.set_rng_state(torch.from_numpy(snap.rng[world.rank].copy()))
+        return loop(job, pos, stop), job.model
     finally:
         job.strategy.close()
         if hasattr(job.sampler, "close"):
             job.sampler.close()
 
 
-def loop(job: Job) -> dict:
-    """The epochs: forward, backward, strategy, optimizer; evaluation and metrics."""
+def _maybe_checkpoint(job: Job, here: state.Position, stop: StopFlag, due: bool) -> None:
+    """Collective: checkpoint when due or when any rank got a stop signal (then stop)."""
+    signum = stop.agreed(job.world.comm)
+    if signum or due:
+        path = state.save(job, here)
+        if signum:
+            raise Stopped(signal.Signals(signum).name, here.step, path)
+
+
+def loop(job: Job, pos: state.Position, stop: StopFlag) -> dict:
+    """The epochs: forward, backward, strategy, optimizer; checkpoints, evaluation, metrics."""
     cfg, world, log, device, model = job.cfg, job.world, job.log, job.device, job.model
     strategy, optimizer, schedule, sampler = job.strategy, job.optimizer, job.schedule, job.sampler
+    state.consistency_check(job)
     t_start = time.perf_counter()
     metrics = MetricsLog(job.run_dir / "metrics.jsonl" if world.is_root else None)
     if world.is_root:
@@ -138,13 +171,17 @@ def loop(job: Job) -> dict:
         log.info(f"{cfg.output.name}: {world.size} ranks x {job.threads} threads, {cfg.model.name} "
                  f"({n_params:,} params), {cfg.sync.strategy}, {cfg.data.mode} data "
                  f"({job.train_split.total} train samples), {sampler.steps_per_epoch} steps/epoch")
-    step, row = 0, {}
+    step, row, here = pos.step, {}, pos
     max_steps = cfg.train.max_steps or float("inf")
-    for epoch in range(cfg.train.epochs):
+    every = cfg.output.checkpoint_every or float("inf")
+    for epoch in range(pos.epoch, cfg.train.epochs):
+        if step >= max_steps:
+            break
         t_epoch, loss_sum, local = time.perf_counter(), 0.0, 0
+        done = pos.samples_in_epoch if epoch == pos.epoch else 0  # global samples of this epoch
         show = world.is_root and cfg.train.progress
-        bar = tqdm(sampler.epoch(epoch), total=sampler.steps_per_epoch, leave=False, dynamic_ncols=True,
-                   disable=None if show else True,  # None: no bar when stderr is not a terminal
+        bar = tqdm(sampler.epoch(epoch, start_sample=done or None), total=sampler.steps_per_epoch,
+                   leave=False, dynamic_ncols=True, disable=None if show else True,  # None: off if no TTY
                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
         for batch in bar:
             x, y = job.train_split.take(batch.indices)
@@ -161,10 +198,17 @@ def loop(job: Job) -> dict:
             strategy.after_step(step)
             loss_sum += loss.item()
             local += len(batch.indices)
+            done += batch.global_count
             step += 1
+            here = state.Position(step, epoch, done)
+            if sampler.lockstep:  # every rank is at this step: agree on stop / checkpoint now
+                _maybe_checkpoint(job, here, stop, step % every == 0)
             if step >= max_steps:
                 break
         train_time = time.perf_counter() - t_epoch
+        here = state.Position(step, epoch + 1, 0) if step < max_steps else here
+        if not sampler.lockstep:  # ranks ran different step counts: agree at the epoch end
+            _maybe_checkpoint(job, here, stop, False)
         # the job's throughput: all samples over the slowest rank's time (ranks may differ)
         loss_sum, seen = world.comm.allreduce(np.array([loss_sum, local]), op=MPI.SUM)
         rate = seen / world.comm.allreduce(train_time, op=MPI.MAX)
@@ -185,6 +229,8 @@ def loop(job: Job) -> dict:
                      + f", {row['samples_per_s']:.0f} samples/s")
         if last:
             break
+    if here.step % every or not sampler.lockstep:  # the final checkpoint (unless just written)
+        state.save(job, here)
     if world.is_root:
-        log.info(f"outputs in {job.run_dir}/ (config.toml, metrics.jsonl)")
+        log.info(f"outputs in {job.run_dir}/ (config.toml, metrics.jsonl, checkpoints)")
     return row

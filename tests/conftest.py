@@ -51,7 +51,7 @@ def make_cfg(run_dir, data_path, **sections):
     """A Config with test-friendly defaults plus `section={key: value}` overrides."""
     from mpitrain import config
 
-    raw = {"data": {"path": str(data_path)}, "train": {"progress": False, "epochs": 1},
+    raw = {"data": {"path": str(data_path)}, "train": {"progress": False, "epochs": 1, "resume": "never"},
            "output": {"dir": str(run_dir), "name": "t"}}
     for sec, kv in sections.items():
         raw.setdefault(sec, {}).update(kv)

@@ -43,6 +43,29 @@ def test_help_and_console_script():
         assert r.returncode == 0 and "mpiexec -n N python -m mpi4py -m mpitrain" in r.stdout.replace("\n", " ")
 
 
+def bad_data(tmp, name, n=30, y=None):
+    import h5py
+    import numpy as np
+
+    p = tmp / f"{name}.h5"
+    y = np.arange(n) % 3 if y is None else np.array(y)
+    with h5py.File(p, "w") as f:
+        f.attrs["num_classes"] = 10
+        for split in ("train", "test"):
+            f[f"{split}/x"] = np.zeros((len(y), 8, 8), np.float32)
+            f[f"{split}/y"] = y
+    return p
+
+
+def bad_ckpt(tmp):
+    import h5py
+
+    p = tmp / "ckpt-000000001.h5"
+    with h5py.File(p, "w") as f:
+        f["x"] = [1, 2, 3]
+    return p
+
+
 def bad_cases(tmp, digits):
     (tmp / "bad.toml").write_text("[train]\nepoch = 3\n")
     (tmp / "broken.toml").write_text("[train\n")
@@ -64,6 +87,19 @@ def bad_cases(tmp, digits):
         "global shuffle partitioned": (ok + ["--set", "data.shuffle=global"], "needs data.mode = 'replicated'"),
         "unwritable output": (ok + ["--set", f"output.dir={tmp}/afile/run"], "output.dir: cannot write"),
         "labels as inputs": (ok + ["--set", "data.x=y"], "inputs must be (samples, features...)"),
+        "labels out of range": (ok + ["--set", f"data.path={bad_data(tmp, 'labels', y=[0, 1, 12] * 10)}"],
+                                "labels must lie in"),
+        "empty data set": (ok + ["--set", f"data.path={bad_data(tmp, 'empty', n=0)}"], "empty split"),
+        "fewer samples than ranks": (ok + ["--set", f"data.path={bad_data(tmp, 'tiny', n=1)}"]
+                                     + ["--set", "train.resume=never"], "cannot be partitioned over"),
+        "wrong dtype": (ok + ["--set", f"data.path={bad_data(tmp, 'dtype', y=[0.5] * 30)}"],
+                        "labels must be integers"),
+        "corrupted checkpoint": (ok + ["--set", f"train.resume={bad_ckpt(tmp)}"], "not an mpitrain checkpoint"),
+        "missing checkpoint": (ok + ["--set", f"train.resume={tmp}/none.h5"], "unreadable checkpoint"),
+        "unknown shuffle": (ok + ["--set", "data.shuffle=random"], "data.shuffle: expected one of"),
+        "servers without workers": (ok + ["--set", "sync.strategy=ps_sync", "--set", "sync.servers=9"],
+                                    "leaves no worker"),
+        "dynamic with allreduce": (ok + ["--set", "data.assign=dynamic"], "data.assign = 'dynamic' needs"),
     }
 
 
@@ -138,3 +174,120 @@ def test_compare_and_report_commands(tmp_path, digits):
     assert r.returncode == 0 and (tmp_path / "again" / "table.csv").is_file(), r.stderr
     r = mpirun(2, "report", tmp_path / "nope", "--out", tmp_path / "x")
     assert r.returncode == 2 and r.stderr.strip() == f"mpitrain: error: {tmp_path / 'nope'}: no such run folder"
+
+
+def _train_args(digits, run, *more):
+    return ["train", "jobs/digits.toml", "--set", f"data.path={digits}", "--set", f"output.dir={run}",
+            "--set", "model.name=mlp", "--set", "model.hidden=[32]", "--set", "train.progress=false",
+            "--set", "data.mode=replicated", *more]
+
+
+def _last_step(run):
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return rows[-1]["step"], rows
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("old, new", [(2, 1), (2, 4), (4, 2)])
+def test_resume_at_another_world_size(tmp_path, digits, old, new):
+    run = tmp_path / "run"
+    r = mpirun(old, *_train_args(digits, run, "--set", "train.epochs=3", "--set", "train.max_steps=40"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = mpirun(new, *_train_args(digits, run, "--set", "train.epochs=3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from step 40" in r.stderr and f"written at {old} ranks" in r.stderr
+    step, rows = _last_step(run)
+    assert rows[-1]["epoch"] == 3 and rows[-1]["ranks"] == new
+    # exactly-once continuation: the rest of the interrupted epoch in batches of the new size
+    n, b, ceil = 1438, 16, lambda a, c: -(-a // c)
+    e, k = divmod(40, ceil(n, b * old))
+    expect = 40 + ceil(n - k * b * old, b * new) + (3 - e - 1) * ceil(n, b * new)
+    assert step == expect, (step, expect)
+
+
+def _spawn(np_, args):
+    cmd = ["mpiexec", "-n", str(np_), sys.executable, "-m", "mpi4py", "-m", "mpitrain", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+
+
+def _rank_pids(run):
+    out = subprocess.run(["pgrep", "-f", f"output.dir={run}"], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if os.path.basename(os.readlink(f"/proc/{p}/exe")).startswith("python")]
+
+
+def _wait_for_checkpoint(run, timeout=120):
+    import time
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if list(run.glob("ckpt-*.h5")):
+            return
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.timeout(600)
+def test_sigusr1_checkpoints_and_exits_75_then_resumes(tmp_path, digits):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    p = _spawn(2, _train_args(digits, run, "--set", "train.epochs=200", "--set", "output.checkpoint_every=20"))
+    _wait_for_checkpoint(run)
+    for pid in _rank_pids(run):
+        os.kill(pid, signal.SIGUSR1)
+    t0 = time.monotonic()
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 75, err[-2000:]
+    assert "stopped by SIGUSR1 after step" in err and time.monotonic() - t0 < 60
+    stopped = int(err.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
+    r = mpirun(2, *_train_args(digits, run, "--set", "train.epochs=200", "--set", f"train.max_steps={stopped + 5}"))
+    assert r.returncode == 0 and f"resuming from step {stopped}" in r.stderr, r.stderr[-2000:]
+    assert _last_step(run)[0] == stopped + 5
+
+
+@pytest.mark.timeout(600)
+def test_killed_rank_ends_the_job_then_rerun_resumes(tmp_path, digits):
+    import random
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = _train_args(digits, run, "--set", "train.epochs=400", "--set", "output.checkpoint_every=20")
+    p = _spawn(4, args)
+    _wait_for_checkpoint(run)
+    pids = sorted(_rank_pids(run))
+    victim = random.choice(pids[1:])  # not the first-started rank
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    p.communicate(timeout=60)
+    took = time.monotonic() - t0
+    assert p.returncode != 0 and took < 30, (p.returncode, took)
+    before = max(int(c.name[5:14]) for c in run.glob("ckpt-*.h5"))
+    r = mpirun(4, *_train_args(digits, run, "--set", "train.epochs=400", "--set", f"train.max_steps={before + 10}"))
+    assert r.returncode == 0 and f"resuming from step {before}" in r.stderr, r.stderr[-2000:]
+    assert _last_step(run)[0] == before + 10
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tiny tmpfs as the full disk (needs root)")
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, digits):
+    """The run folder is a 600 kB tmpfs: the first ~340 kB checkpoint fits, the second
+    cannot (its temporary file fills the disk)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(run)], check=True)
+    try:
+        big = ["--set", "model.hidden=[512]"]
+        r = mpirun(2, *_train_args(digits, run, "--set", "train.max_steps=5", *big))
+        assert r.returncode == 0, r.stderr[-2000:]
+        before = {p.name: p.read_bytes() for p in run.glob("ckpt-*.h5")}
+        r = mpirun(2, *_train_args(digits, run, "--set", "train.max_steps=10", *big), timeout=240)
+        assert r.returncode == 2, r.stderr[-2000:]
+        line = [ln for ln in r.stderr.splitlines() if ln.startswith("mpitrain: error:")]
+        assert len(line) == 1 and "checkpoint at step 10 failed: No space left on device" in line[0], r.stderr
+        assert "previous checkpoint ckpt-000000005.h5 intact" in line[0]
+        assert {p.name: p.read_bytes() for p in run.glob("ckpt-*.h5")} == before
+        assert not list(run.glob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(run)], check=False)

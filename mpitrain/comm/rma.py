@@ -138,6 +138,34 @@ class ShardedVector:
         self.win_params.Accumulate([delta, F32], owner, target=(disp, len(delta), F32), op=MPI.SUM)
         self.win_params.Unlock(owner)
 
+    def read_all(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(params, state as (state_slots, n), step) gathered from every owner (any rank)."""
+        params = self.get(np.empty(self.n, np.float32))
+        state = np.empty((self.state_slots, self.n), np.float32)
+        step = 0.0
+        for _, owner, a, b in self.shards():
+            m = b - a
+            buf = np.empty(self.state_slots * m + 1, np.float32)
+            self.win_state.Lock(owner, MPI.LOCK_SHARED)
+            self.win_state.Get([buf, F32], owner, target=(0, len(buf), F32))
+            self.win_state.Unlock(owner)
+            state[:, a:b] = buf[:-1].reshape(self.state_slots, m)
+            step = float(buf[-1])
+        return params, state, step
+
+    def write_all(self, params: np.ndarray, state: np.ndarray | None, step: float) -> None:
+        """Set every shard's params and optimizer state (resharding a checkpoint)."""
+        self.put_all(params)
+        for _, owner, a, b in self.shards():
+            m = b - a
+            buf = np.zeros(self.state_slots * m + 1, np.float32)
+            if state is not None and state.shape == (self.state_slots, self.n):
+                buf[:-1] = state[:, a:b].reshape(-1)
+            buf[-1] = step
+            self.win_state.Lock(owner, MPI.LOCK_EXCLUSIVE)
+            self.win_state.Put([buf, F32], owner, target=(0, len(buf), F32))
+            self.win_state.Unlock(owner)
+
     def accumulate(self, owner: int, slot: int, m: int, delta: np.ndarray):
         """Add delta (a whole shard) into accumulator `slot` of owner and wait until it landed."""
         self.win_accum.Lock(owner, MPI.LOCK_SHARED)

@@ -43,6 +43,8 @@ class Batch:
 
 
 class DistributedSampler:
+    lockstep = True  # every rank runs the same steps
+
     def __init__(self, n: int, size: int, rank: int, batch_size: int, seed: int, scope: str):
         if scope not in ("global", "shard", "none"):
             raise ValueError(f"unknown sampler scope {scope!r}")
@@ -63,10 +65,26 @@ class DistributedSampler:
         lo, hi = shard_bounds(self.n, self.size, self.rank)
         return lo + np.random.default_rng([self.seed, epoch, self.rank]).permutation(hi - lo)
 
-    def epoch(self, epoch: int, start_step: int = 0):
-        """Yield the Batch of each step of `epoch`, from `start_step` on."""
+    def start_step(self, samples_done: int) -> int:
+        """The step of an epoch after `samples_done` global samples (resume). Exact for
+        the global/none scopes at any world size (the rest of the epoch's permutation is
+        split into batches of the new size); for the shard scope exact only at the same
+        world size, else the nearest step (shards change with the world size)."""
+        if self.scope == "shard":
+            return min(self.steps_per_epoch, round(samples_done / (self.batch * self.size)))
+        return samples_done  # in samples: see epoch()
+
+    def epoch(self, epoch: int, start_step: int = 0, start_sample: int | None = None):
+        """Yield the Batch of each step of `epoch`, from `start_step` (or, for the global and
+        none scopes, from global sample `start_sample` of the epoch's order) on."""
         perm, B, S = self._perm(epoch), self.batch, self.size
-        for s in range(start_step, self.steps_per_epoch):
+        if start_sample is not None:
+            if self.scope == "shard":
+                start_step = self.start_step(start_sample)
+            else:
+                perm, start_step = perm[start_sample:], 0
+        for s in range(start_step, math.ceil(len(perm) / (B * S)) if self.scope != "shard"
+                       else self.steps_per_epoch):
             if self.scope == "shard":
                 idx = perm[s * B:(s + 1) * B]
                 count = sum(min(max(ln - s * B, 0), B) for ln in self.lens)
@@ -81,6 +99,8 @@ class DynamicSampler:
     """Collective to create: global batches of `batch_size` claimed through shared counters
     (one per epoch, in an RMA window on rank 0). Ranks run different numbers of steps."""
 
+    lockstep = False
+
     def __init__(self, world, n: int, batch_size: int, seed: int, epochs: int):
         from ..comm.rma import Counters
 
@@ -89,7 +109,9 @@ class DynamicSampler:
         self.batches_per_epoch = math.ceil(n / batch_size)  # over all ranks together
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / world.size)  # expected per rank (LR schedule)
 
-    def epoch(self, epoch: int, start_step: int = 0):
+    def epoch(self, epoch: int, start_step: int = 0, start_sample: int | None = None):
+        if start_sample:
+            raise ValueError("data.assign = 'dynamic' resumes at epoch boundaries only")
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         while (b := self.counters.fetch_add(epoch)) < self.batches_per_epoch:
             yield Batch(perm[b * self.batch:(b + 1) * self.batch], self.batch * self.size)

@@ -58,6 +58,9 @@ class AllreduceStrategy:
     def state_dict(self):
         return {}
 
+    def load_state_dict(self, arrays):
+        pass
+
     def close(self):
         if self.buckets is not None:
             self.buckets.close()

@@ -41,7 +41,11 @@ class Strategy(Protocol):
         this rank); called once per epoch."""
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Strategy state for checkpoints (arrays only)."""
+        """Collective: strategy state for checkpoints (arrays only; complete on rank 0),
+        in a form that does not depend on the world size."""
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        """After setup: continue from a checkpoint's strategy state (any world size)."""
 
     def close(self) -> None:
         """Release threads and communicators."""

@@ -38,6 +38,4 @@ class BMUF(PeriodicStrategy):
             self.start.add_(self.delta, alpha=self.eta)
         self.flat.flat.copy_(self.start)
 
-    def state_dict(self):
-        return {"global_w": self.global_w.cpu().numpy(), "delta": self.delta.cpu().numpy(),
-                "start": self.start.cpu().numpy()}
+    STATE = ("global_w", "delta", "start")

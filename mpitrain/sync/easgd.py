@@ -54,8 +54,7 @@ class EASGD(_Elastic):
         self.x_center.add_(diff, alpha=self.beta / self.world.size)
         self.flat.flat.sub_(self.flat.flat - self.x_center, alpha=self.alpha)
 
-    def state_dict(self):
-        return {"center": self.x_center.cpu().numpy()}
+    STATE = ("x_center",)
 
 
 @register("easgd_async")
@@ -79,6 +78,16 @@ class AsyncEASGD(_Elastic):
         self.bytes += 2 * diff.numel() * diff.element_size()
 
     def settle(self):
+        self.kv.barrier()
+
+    def state_dict(self):
+        self.kv.barrier()
+        return {"x_center": self.center().cpu().numpy().copy()}
+
+    def load_state_dict(self, arrays):
+        self.kv.barrier()
+        if self.world.is_root and "x_center" in arrays:
+            self.kv.keys["center"].put_all(arrays["x_center"])
         self.kv.barrier()
 
     def close(self):

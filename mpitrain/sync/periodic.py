@@ -65,7 +65,15 @@ class PeriodicStrategy:
         return {"comm_bytes_per_step": (self.bytes - b0) / max(1, self.steps - s0)}
 
     def state_dict(self):
-        return {}
+        """Replicated tensors named in STATE, identical on every rank after a block."""
+        return {k: getattr(self, k).cpu().numpy().copy() for k in self.STATE}
+
+    def load_state_dict(self, arrays):
+        for k in self.STATE:
+            if k in arrays:
+                getattr(self, k).copy_(torch.from_numpy(arrays[k]))
+
+    STATE: tuple[str, ...] = ()
 
     def close(self):
         pass

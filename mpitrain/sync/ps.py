@@ -116,7 +116,24 @@ class _StoreStrategy:
         return out
 
     def state_dict(self):
-        return {}
+        """Collective: the store's values and store-side optimizer state, whole (rank 0)."""
+        self.kv.barrier()
+        out = {}
+        if self.world.is_root:
+            params, opt, step = self.kv.keys["params"].read_all()
+            out = {"store_params": params, "store_optimizer": opt, "store_step": np.array(step)}
+        self.kv.barrier()
+        return out
+
+    def load_state_dict(self, arrays):
+        """Reshard a checkpoint's store over this run's owners (any number of ranks)."""
+        self.kv.barrier()
+        if self.world.is_root and "store_params" in arrays:
+            self.kv.keys["params"].write_all(arrays["store_params"], arrays.get("store_optimizer"),
+                                             float(arrays.get("store_step", 0)))
+        self.kv.barrier()
+        with torch.no_grad():
+            self.kv.pull("params", self.flat.flat)
 
     def close(self):
         if self.kv is not None:
