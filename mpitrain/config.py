@@ -73,6 +73,7 @@ class TrainCfg:
     device: str = _opt("cpu", choices=("cpu", "cuda", "auto"))
     progress: bool = _opt(True, help="tqdm bar on rank 0")
     eval_every: int = _opt(1, gt=0, help="evaluate every this many epochs (and at the end)")
+    watchdog_s: float = _opt(600.0, min=0.0, help="abort when a rank sees no progress this long (0 = off)")
     resume: str = _opt("auto", help="auto (newest valid checkpoint in the run folder), never, or a path")
     slowdown_rank: int = _opt(-1, min=-1, help="straggler injection: this rank sleeps (-1 = none)")
     slowdown_factor: float = _opt(1.0, min=1.0, help="... so its steps take factor x its compute time")

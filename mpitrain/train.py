@@ -18,7 +18,7 @@ from . import state, sync
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler, shard_bounds
 from .errors import UserError
-from .faults import StopFlag, Stopped, stop_flag
+from .faults import StopFlag, Stopped, Watchdog, stop_flag
 from .metrics import MetricsLog
 from .models import build_model, build_optimizer, build_schedule
 
@@ -143,7 +143,11 @@ def train(cfg, world, log) -> tuple[dict, torch.nn.Module | None]:
         torch.manual_seed(cfg.train.seed * 7919 + world.rank)  # per-rank stream (dropout)
         if snap and world.rank < len(snap.rng):
             torch.set_rng_state(torch.from_numpy(snap.rng[world.rank].copy()))
-        return loop(job, pos, stop), job.model
+        dog = Watchdog(world, cfg.train.watchdog_s, log)
+        try:
+            return loop(job, pos, stop, dog), job.model
+        finally:
+            dog.close()
     finally:
         job.strategy.close()
         if hasattr(job.sampler, "close"):
@@ -159,7 +163,7 @@ def _maybe_checkpoint(job: Job, here: state.Position, stop: StopFlag, due: bool)
             raise Stopped(signal.Signals(signum).name, here.step, path)
 
 
-def loop(job: Job, pos: state.Position, stop: StopFlag) -> dict:
+def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
     """The epochs: forward, backward, strategy, optimizer; checkpoints, evaluation, metrics."""
     cfg, world, log, device, model = job.cfg, job.world, job.log, job.device, job.model
     strategy, optimizer, schedule, sampler = job.strategy, job.optimizer, job.schedule, job.sampler
@@ -184,6 +188,7 @@ def loop(job: Job, pos: state.Position, stop: StopFlag) -> dict:
                    leave=False, dynamic_ncols=True, disable=None if show else True,  # None: off if no TTY
                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
         for batch in bar:
+            dog.beat(step + 1)
             x, y = job.train_split.take(batch.indices)
             x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             t_compute = time.perf_counter()
@@ -192,6 +197,7 @@ def loop(job: Job, pos: state.Position, stop: StopFlag) -> dict:
             (loss * strategy.loss_weight(batch.global_count)).backward()
             if world.rank == cfg.train.slowdown_rank:  # injected straggler
                 time.sleep((cfg.train.slowdown_factor - 1) * (time.perf_counter() - t_compute))
+            dog.beat(step + 1, waiting=True)
             strategy.after_backward(step)
             optimizer.step()
             schedule.step()
@@ -216,10 +222,12 @@ def loop(job: Job, pos: state.Position, stop: StopFlag) -> dict:
         row = {"epoch": epoch + 1, "step": step, "ranks": world.size, "train_loss": float(loss_sum / max(1, seen)),
                "samples_per_s": float(rate), "lr": schedule.get_last_lr()[0]}
         row.update(strategy.metrics())
+        dog.beat(step, waiting=True)
         strategy.before_eval()
         if job.test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last):
             row["test_loss"], row["test_acc"] = evaluate(model, job.test_split, world, device)
         strategy.after_eval()
+        dog.beat(step, waiting=True)
         row["wall_s"] = time.perf_counter() - t_start
         metrics.append(row)
         if world.is_root:

@@ -291,3 +291,17 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, digits):
         assert not list(run.glob("*.tmp"))
     finally:
         subprocess.run(["umount", str(run)], check=False)
+
+
+@pytest.mark.timeout(300)
+def test_watchdog_aborts_a_hung_job_naming_the_rank(tmp_path, digits):
+    import time
+
+    t0 = time.monotonic()
+    # rank 1 "hangs" (sleeps 1000x its compute time) inside step 3; the others wait for it
+    r = mpirun(2, *_train_args(digits, tmp_path / "run", "--set", "train.slowdown_rank=1", "--set",
+                               "train.slowdown_factor=100000", "--set", "train.watchdog_s=5"), timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
+    assert "mpitrain: watchdog on rank" in r.stderr and "ranks behind: 1 (computing step 1)" in r.stderr
+    assert took < 60, took
