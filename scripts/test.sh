@@ -25,7 +25,7 @@ for np in $NPS; do
   echo "[test] ==== MPI tests at np=$np ===="
   t0=$SECONDS
   set +e
-  timeout -k 10 1200 mpiexec -n "$np" python -m mpi4py -m pytest --with-mpi -m "not launcher" \
+  timeout -k 10 1200 mpiexec -n "$np" python -m mpi4py -m pytest --with-mpi -m "not launcher and not slurm" \
     "${COMMON[@]}" tests
   rc=$?
   set -e
@@ -41,6 +41,21 @@ rc=$?
 set -e
 took[launcher]=$((SECONDS - t0))
 check "launcher tests" "$rc"
+
+echo "[test] ==== Slurm tests (jobs/*.sbatch on a local single-node Slurm) ===="
+t0=$SECONDS
+set +e
+bash scripts/slurm-local.sh start
+rc=$?
+if [ "$rc" -eq 0 ]; then
+  export SLURM_CONF=$PWD/.slurm/slurm.conf
+  timeout -k 10 1800 python -m pytest -m slurm "${COMMON[@]}" --timeout=900 tests
+  rc=$?
+  bash scripts/slurm-local.sh stop
+fi
+set -e
+took[slurm]=$((SECONDS - t0))
+check "Slurm tests" "$rc"
 
 echo "[test] times (s): $(for k in "${!took[@]}"; do printf '%s=%s ' "$k" "${took[$k]}"; done)"
 [ "$status" -eq 0 ] && echo "[test] all suites passed" || echo "[test] SOME SUITES FAILED" >&2
