@@ -91,3 +91,14 @@ def test_dedicated_servers(world, shared_tmp, digits_h5, servers, strategy):
         assert row == {} and got is None
     workers.comm.Free()
     world.comm.Barrier()
+
+
+def test_async_dynamic_batches_with_a_straggler_terminate(world, shared_tmp, digits_h5):
+    """Ranks run different numbers of steps (fast ones take more batches) and still end
+    each epoch together, checkpoint and finish cleanly."""
+    row, _ = run(world, shared_tmp, digits_h5, "dyn", "async",
+                 data={"mode": "replicated", "assign": "dynamic"},
+                 train={"batch_size": 8, "epochs": 2, "slowdown_rank": world.size - 1, "slowdown_factor": 3.0})
+    steps = world.comm.allgather(row["step"])
+    assert sum(steps) == 2 * -(-1438 // 8)  # every global batch of both epochs taken exactly once
+    assert row["test_acc"] > 0.5
