@@ -138,7 +138,7 @@ class KVStore:
             self.staleness_seen.append(clock - oldest)
             while pend and pend[0][0] < oldest:  # applied everywhere by now
                 pend.popleft()
-        if buf.ctypes.data != self._ptr(out):
+        if out.is_cuda or buf.ctypes.data != out.data_ptr():  # pulled into a staging copy
             out.copy_(torch.from_numpy(buf).view_as(out))
         return out
 
@@ -189,10 +189,6 @@ class KVStore:
         if t.is_cuda or t.dtype != torch.float32 or not t.is_contiguous():
             t = t.to("cpu", torch.float32).contiguous()
         return t.reshape(-1).numpy()
-
-    @staticmethod
-    def _ptr(t):
-        return t.data_ptr() if not t.is_cuda else -1
 
     def _apply(self, params: np.ndarray, state: np.ndarray, grad: np.ndarray, read_at=None) -> None:
         """One torch optimizer step on a shard; state = [moments..., step]."""

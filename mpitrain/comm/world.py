@@ -107,10 +107,6 @@ class World:
         if errs:
             raise AgreedError(errs[0])
 
-    def bcast_str(self, value: str | None) -> str:
-        """Collective: rank 0's string on every rank."""
-        return self.comm.bcast(value, root=0)
-
 
 class _TqdmHandler(logging.StreamHandler):
     """Log lines that do not tear a running tqdm progress bar."""
