@@ -108,10 +108,8 @@ def _run(args, world, log) -> None:
         if args.what == "synthetic":
             msg = world.agree(prepare.synthetic, world, args.out, args.samples, args.test_samples, args.features,
                                     args.classes, args.hidden, args.seed)
-        elif world.is_root:  # small, serial writers
-            msg = world.agree(_serial_data, args, prepare)
-        else:
-            msg = world.agree(lambda: None)
+        else:  # small, serial writers
+            msg = world.on_root(_serial_data, args, prepare)
         if world.is_root:
             print(msg)
     elif args.cmd == "compare":
@@ -123,14 +121,13 @@ def _run(args, world, log) -> None:
     elif args.cmd == "report":
         from . import report
 
-        msg = world.agree(lambda: report.report(args.runs, args.out, args.target, args.title)
-                          if world.is_root else None)
+        msg = world.on_root(report.report, args.runs, args.out, args.target, args.title)
         if world.is_root:
             print(msg)
     elif args.cmd == "inspect":
         from . import checkpoint
 
-        msg = world.agree(lambda: checkpoint.describe(args.checkpoint) if world.is_root else None)
+        msg = world.on_root(checkpoint.describe, args.checkpoint)
         if world.is_root:
             print(msg)
     elif args.cmd == "bench":

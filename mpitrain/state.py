@@ -85,8 +85,7 @@ def find(job) -> checkpoint.Snapshot | None:
             return how
         found = checkpoint.newest_valid(job.run_dir, log if job.world.is_root else None)
         return str(found[0]) if found else None
-    path = job.world.agree(lambda: choose() if job.world.is_root else None)
-    path = job.world.comm.bcast(path, root=0)
+    path = job.world.on_root(choose)
     if path is None:
         return None
     from pathlib import Path

@@ -66,7 +66,7 @@ def bad_ckpt(tmp):
     return p
 
 
-def bad_cases(tmp, digits):
+def bad_cases(tmp, digits, np_):
     (tmp / "bad.toml").write_text("[train]\nepoch = 3\n")
     (tmp / "broken.toml").write_text("[train\n")
     (tmp / "afile").write_text("")
@@ -91,7 +91,9 @@ def bad_cases(tmp, digits):
                                 "labels must lie in"),
         "empty data set": (ok + ["--set", f"data.path={bad_data(tmp, 'empty', n=0)}"], "empty split"),
         "fewer samples than ranks": (ok + ["--set", f"data.path={bad_data(tmp, 'tiny', n=1)}"]
-                                     + ["--set", "train.resume=never"], "cannot be partitioned over"),
+                                     + ["--set", "train.resume=never"], "cannot be partitioned over")
+        if np_ > 1 else (ok + ["--set", "optim.betas=[2, 0.9]", "--set", "optim.name=adam"],
+                         "optim.betas: expected two numbers in [0, 1)"),
         "wrong dtype": (ok + ["--set", f"data.path={bad_data(tmp, 'dtype', y=[0.5] * 30)}"],
                         "labels must be integers"),
         "corrupted checkpoint": (ok + ["--set", f"train.resume={bad_ckpt(tmp)}"], "not an mpitrain checkpoint"),
@@ -106,7 +108,7 @@ def bad_cases(tmp, digits):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("np_", NPS)
 def test_bad_input_one_line_exit_2_every_rank(np_, tmp_path, digits):
-    for name, (args, message) in bad_cases(tmp_path, digits).items():
+    for name, (args, message) in bad_cases(tmp_path, digits, np_).items():
         r = mpirun(np_, "train", *args, timeout=60)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])

@@ -80,6 +80,20 @@ class World:
             raise AgreedError(errs[r] if self.size == 1 or len(failed) == self.size else f"{errs[r]} (rank {r})")
         return result
 
+    def on_root(self, fn, *args, **kwargs):
+        """Collective: run fn on rank 0 only; its result, or its UserError (same message, as
+        AgreedError), reaches every rank."""
+        result, err = None, None
+        if self.is_root:
+            try:
+                result = fn(*args, **kwargs)
+            except UserError as e:
+                err = str(e)
+        result, err = self.comm.bcast((result, err), root=0)
+        if err is not None:
+            raise AgreedError(err)
+        return result
+
     def split(self, color: int) -> "World":
         """Collective: the sub-world of the ranks with the same color (parent = self)."""
         sub = self.comm.Split(color, self.rank)
