@@ -105,7 +105,7 @@ def wait_for(pred, timeout, what):
     while time.monotonic() - t0 < timeout:
         if pred():
             return time.monotonic() - t0
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -115,7 +115,10 @@ def test_preemption_checkpoints_requeues_and_resumes(tmp_path):
     the second run resumes from the checkpoint and ends where an uninterrupted run ends,
     with the same parameters."""
     run, ref = tmp_path / "run", tmp_path / "ref"
-    steps = "--set train.epochs=50 --set train.max_steps=120 --set output.checkpoint_every=10"
+    # rank 0 sleeps 100x its compute time so the signal surely lands mid-run (~0.1 s/step);
+    # sleeping changes no arithmetic, so the parameters must still match bit for bit
+    steps = ("--set train.epochs=50 --set train.max_steps=120 --set output.checkpoint_every=10 "
+             "--set train.slowdown_rank=0 --set train.slowdown_factor=100")
     job, _ = sbatch("jobs/digits.sbatch", short(run, steps), wait=False)
     wait_for(lambda: list(run.glob("ckpt-*.h5")), 300, "the first checkpoint")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
