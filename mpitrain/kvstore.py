@@ -116,8 +116,9 @@ class KVStore:
             vec.add_to_params(owner, 0, d[lo:hi])
         self.bytes_moved += d.nbytes
 
-    def pull(self, key: str, out: torch.Tensor) -> torch.Tensor:
-        """Read the stored value into `out` (sync: waits while it is more than s clocks stale)."""
+    def pull(self, key: str, out: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """Read the stored value into `out` (sync: waits while it is more than s clocks stale;
+        fresh=True: waits until every push of this worker's clock is applied)."""
         vec = self._vec(key)
         buf = self._numpy(out, vec.n) if out.is_contiguous() and out.dtype == torch.float32 and not out.is_cuda \
             else np.empty(vec.n, np.float32)
@@ -125,7 +126,7 @@ class KVStore:
         oldest = clock
         for _, owner, lo, hi in self._order(vec):
             if self.mode == "sync":
-                self._wait_version(vec, owner, clock - self.staleness, lo, hi)
+                self._wait_version(vec, owner, clock - (0 if fresh else self.staleness), lo, hi)
                 version = vec.get_shard(owner, lo, buf[lo:hi], version_index=vec.slots)
                 oldest = min(oldest, version)
                 for c, delta in pend:  # read-my-writes: own pushes this shard has not applied yet

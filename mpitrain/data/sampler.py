@@ -65,22 +65,15 @@ class DistributedSampler:
         lo, hi = shard_bounds(self.n, self.size, self.rank)
         return lo + np.random.default_rng([self.seed, epoch, self.rank]).permutation(hi - lo)
 
-    def start_step(self, samples_done: int) -> int:
-        """The step of an epoch after `samples_done` global samples (resume). Exact for
-        the global/none scopes at any world size (the rest of the epoch's permutation is
-        split into batches of the new size); for the shard scope exact only at the same
-        world size, else the nearest step (shards change with the world size)."""
-        if self.scope == "shard":
-            return min(self.steps_per_epoch, round(samples_done / (self.batch * self.size)))
-        return samples_done  # in samples: see epoch()
-
     def epoch(self, epoch: int, start_step: int = 0, start_sample: int | None = None):
-        """Yield the Batch of each step of `epoch`, from `start_step` (or, for the global and
-        none scopes, from global sample `start_sample` of the epoch's order) on."""
+        """Yield the Batch of each step of `epoch`, from `start_step`, or after `start_sample`
+        global samples (resume). That is exact for the global/none scopes at any world size:
+        the rest of the epoch's permutation is cut into batches of the new size. For the shard
+        scope it is exact at the same world size, else the nearest step (shards change)."""
         perm, B, S = self._perm(epoch), self.batch, self.size
         if start_sample is not None:
             if self.scope == "shard":
-                start_step = self.start_step(start_sample)
+                start_step = min(self.steps_per_epoch, round(start_sample / (B * S)))
             else:
                 perm, start_step = perm[start_sample:], 0
         for s in range(start_step, math.ceil(len(perm) / (B * S)) if self.scope != "shard"

@@ -96,11 +96,8 @@ class _StoreStrategy:
     def before_eval(self):
         """Collective: everyone evaluates the same, fully applied parameters."""
         self.kv.barrier()
-        saved = self.kv.staleness
-        self.kv.staleness = 0 if self.mode == "sync" else saved
         with torch.no_grad():
-            self.kv.pull("params", self.flat.flat)
-        self.kv.staleness = saved
+            self.kv.pull("params", self.flat.flat, fresh=True)
 
     def after_eval(self):
         pass
