@@ -4,10 +4,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: `import mpitrain` stays cheap and does not initialise MPI
-    if name == "KVStore":
-        from .kvstore import KVStore
+    if name == "kvstore":
+        from .sync import kvstore
 
-        return KVStore
+        return kvstore
     if name == "World":
         from .comm import World
 

@@ -14,12 +14,11 @@ from datetime import date
 
 import torch
 import torch.nn.functional as F
-from mpi4py import MPI
 from torch import nn
 
-from .comm import buffers
-from .comm.collectives import GradBuckets
-from .sync.base import broadcast_model
+from .comm.collectives import GradBuckets, resolve_overlap
+from .comm.world import library_version
+from .train import configure_threads
 
 
 def _parse_size(s: str) -> int:
@@ -32,7 +31,7 @@ def _header(world, what: str, threads: int) -> None:
     if world.is_root:
         print(f"# mpitrain bench {what}: {world.size} ranks x {threads} threads, "
               f"{platform.processor() or platform.machine()}, {date.today()}, "
-              f"{MPI.Get_library_version().splitlines()[0].strip()}, torch {torch.__version__}")
+              f"{library_version()}, torch {torch.__version__}")
 
 
 def _mlp(features: int, hidden: list[int]) -> nn.Module:
@@ -53,10 +52,7 @@ class _Variant:
 def step(args, world, log) -> None:
     """Collective: ms/step of compute-only, mpitrain sync (3 overlap modes), naive flat
     allreduce after backward, and torch DDP with gloo, same model and data."""
-    from .train import configure_threads
-    from .config import Config, TrainCfg
-
-    threads = configure_threads(Config(train=TrainCfg(threads=0)), world)
+    threads = configure_threads(0, world)
     hidden = [int(h) for h in args.hidden.split(",")]
     torch.manual_seed(0)
     base = _mlp(args.features, hidden)
@@ -88,8 +84,8 @@ def step(args, world, log) -> None:
 
     for overlap in ("thread", "nonblocking", "none"):
         m, opt = fresh()
-        broadcast_model(m, world)
-        bk = GradBuckets(m.parameters(), world.comm, bucket_bytes=int(args.bucket_mb * 2**20),
+        world.broadcast_module(m)
+        bk = GradBuckets(m.parameters(), world, bucket_bytes=int(args.bucket_mb * 2**20),
                          first_bucket_bytes=2**20, overlap=overlap, average=False)
 
         def mp(m=m, opt=opt, bk=bk):  # as in training: the loss is pre-scaled, the SUM is the mean
@@ -106,8 +102,7 @@ def step(args, world, log) -> None:
         F.cross_entropy(m(x), y).backward()
         grads = [p.grad for p in m.parameters()]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        world.comm.Allreduce(MPI.IN_PLACE, buffers.host_buffer(flat), op=MPI.SUM)
-        flat.div_(world.size)
+        world.average_(flat)
         off = 0
         for g_ in grads:
             g_.copy_(flat[off:off + g_.numel()].view_as(g_))
@@ -117,7 +112,7 @@ def step(args, world, log) -> None:
 
     ddp_pg = None
     if not args.no_ddp:
-        ddp_pg = _init_gloo(world)
+        ddp_pg = init_gloo(world)
         m, _ = fresh()
         ddp = torch.nn.parallel.DistributedDataParallel(m, bucket_cap_mb=args.bucket_mb)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
@@ -133,11 +128,11 @@ def step(args, world, log) -> None:
         for v in variants:
             for _ in range(args.warmup if r == 0 else 1):
                 v.step_fn()
-            world.comm.Barrier()
+            world.barrier()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 v.step_fn()
-            dt = world.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            dt = world.max(time.perf_counter() - t0)
             rounds[v.name].append(dt / args.steps * 1e3)
     ms = {k: statistics.median(v) for k, v in rounds.items()}
     # every data-parallel variant must compute the same parameters (compute-only excepted)
@@ -155,13 +150,15 @@ def step(args, world, log) -> None:
         for name, v in ms.items():
             print(f"{name:28s} {v:9.2f} {min(rounds[name]):8.2f} {max(rounds[name]):8.2f} "
                   f"{v / bound:9.2f} " + (f"{v / ddp_ms:7.2f}" if ddp_ms else "      -"))
-        auto = "thread" if world.cores_per_rank() >= 2 else "none"
+        auto = resolve_overlap("auto", world.cores_per_rank(), on_gpu=False)
         print(f"# sync.overlap = 'auto' (the default) uses '{auto}' here: {world.cores_per_rank()} core(s) per rank")
         print("# max |param difference| to mpitrain sync (thread) after all steps: "
               + ", ".join(f"{k}: {d:.1e}" for k, d in diff.items()))
 
 
-def _init_gloo(world):
+def init_gloo(world) -> bool:
+    """Collective: a torch.distributed gloo process group over the same ranks (for the DDP
+    baseline); True once it exists."""
     import torch.distributed as dist
 
     if world.is_root:
@@ -173,7 +170,7 @@ def _init_gloo(world):
         addr = "127.0.0.1" if same_node else socket.gethostbyname(socket.gethostname())
     else:
         addr, port = None, None
-    addr, port = world.comm.bcast((addr, port), root=0)
+    addr, port = world.bcast((addr, port))
     dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=world.rank,
                             world_size=world.size)
     return True
@@ -181,12 +178,9 @@ def _init_gloo(world):
 
 def allreduce(args, world, log) -> None:
     """Collective: algbw and busbw of raw MPI.Allreduce and of the bucketed gradient path."""
-    from .train import configure_threads
-    from .config import Config, TrainCfg
-
-    threads = configure_threads(Config(train=TrainCfg(threads=0)), world)
+    threads = configure_threads(0, world)
     _header(world, "allreduce", threads)
-    overlap = args.overlap if args.overlap != "auto" else ("thread" if world.cores_per_rank() >= 2 else "none")
+    overlap = resolve_overlap(args.overlap, world.cores_per_rank(), on_gpu=False)
     if world.is_root:
         print(f"# bucketed path: {args.bucket_mb} MB buckets (first 1 MB), overlap '{overlap}', "
               f"8 tensors per message size; median of 3 x {args.iters} iterations, slowest rank")
@@ -199,11 +193,11 @@ def allreduce(args, world, log) -> None:
         buf = torch.ones(count)
         # the bucketed path on 8 "parameters" of the same total size
         pieces = [nn.Parameter(torch.zeros(c)) for c in _split(count, 8)]
-        bk = GradBuckets(pieces, world.comm, bucket_bytes=int(args.bucket_mb * 2**20),
+        bk = GradBuckets(pieces, world, bucket_bytes=int(args.bucket_mb * 2**20),
                          first_bucket_bytes=2**20, overlap=overlap, average=False)
 
         def raw():
-            world.comm.Allreduce(MPI.IN_PLACE, buffers.host_buffer(buf), op=MPI.SUM)
+            world.allreduce_(buf)
 
         def bucketed():
             for p in reversed(pieces):
@@ -214,11 +208,11 @@ def allreduce(args, world, log) -> None:
             fn()
             times = []
             for _ in range(3):
-                world.comm.Barrier()
+                world.barrier()
                 t0 = time.perf_counter()
                 for _ in range(args.iters):
                     fn()
-                times.append(world.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX) / args.iters)
+                times.append(world.max(time.perf_counter() - t0) / args.iters)
             t[name] = statistics.median(times)
         bk.close()
         if world.is_root:
@@ -235,52 +229,43 @@ def _split(n: int, k: int) -> list[int]:
     return [c for c in [base + (1 if i < extra else 0) for i in range(k)] if c > 0]
 
 
-STRAGGLER_RUNS = [
-    ("allreduce", ["sync.strategy=allreduce"]),
-    ("ps_sync", ["sync.strategy=ps_sync"]),
-    ("ssp s=1", ["sync.strategy=ssp", "sync.staleness=1"]),
-    ("ssp s=3", ["sync.strategy=ssp", "sync.staleness=3"]),
-    ("async", ["sync.strategy=async"]),
-    ("async, dynamic batches", ["sync.strategy=async", "data.mode=replicated", "data.assign=dynamic"]),
-]
-
-
 def straggler(args, world, log) -> None:
-    """Collective: the same job under each strategy with one rank `factor` x slower;
-    throughput, time to the target accuracy and final accuracy, with ratios to allreduce."""
+    """Collective: the runs of a comparison file with one rank `factor` x slower; throughput,
+    time to the target accuracy and final accuracy, with ratios to the first run."""
     import json
     import logging
-    from pathlib import Path
 
     from . import config
+    from .report import load_compare, run_folder
     from .train import train
 
+    spec = world.agree(load_compare, args.spec)
     slow = args.rank if world.size > 1 else -1
     base = [f"train.slowdown_rank={slow}", f"train.slowdown_factor={args.factor}", "train.progress=false",
-            "train.resume=never", "output.checkpoint_every=0",
-            f"train.epochs={args.epochs}", *args.overrides]
+            "train.resume=never", "output.checkpoint_every=0", *spec.overrides, *args.overrides]
+    cfgs = [world.agree(config.load, spec.job, [*base, *extra, f"output.dir={run_folder(spec.out, name)}",
+                                                f"output.name={name}"]) for name, extra in spec.runs]
     level = log.level
     log.setLevel(logging.WARNING)
     results = {}
-    for name, extra in STRAGGLER_RUNS:
-        out = Path(args.out) / name.replace(" ", "").replace(",", "-").replace("=", "")
-        cfg = world.agree(config.load, args.job, base + extra + [f"output.dir={out}"])
-        world.comm.Barrier()
+    for cfg in cfgs:
+        world.barrier()
         train(cfg, world, log)
         if world.is_root:
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            hit = next((r["wall_s"] for r in rows if r.get("test_acc", 0) >= args.target), None)
-            results[name] = (statistics.median(r["samples_per_s"] for r in rows), hit, rows[-1]["test_acc"],
-                             max((r.get("staleness_max", 0) for r in rows), default=0))
+            rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+            hit = next((r["wall_s"] for r in rows if r.get("test_acc", 0) >= spec.target), None)
+            results[cfg.output.name] = (statistics.median(r["samples_per_s"] for r in rows), hit,
+                                        rows[-1]["test_acc"], max((r.get("staleness_max", 0) for r in rows),
+                                                                  default=0))
     log.setLevel(level)
     if not world.is_root:
         return
-    print(f"# mpitrain bench straggler: {world.size} ranks, rank {slow} {args.factor}x slower, {args.job} "
-          f"{args.epochs} epochs, target test accuracy {args.target}, {date.today()}")
-    sync_rate, sync_hit, sync_acc, _ = results["allreduce"]
-    print(f"{'strategy':24s} {'samples/s':>10s} {'x sync':>7s} {'t->target s':>12s} {'x sync':>7s} "
+    print(f"# mpitrain bench straggler: {world.size} ranks, rank {slow} {args.factor}x slower, {spec.job} "
+          f"({args.spec}), target test accuracy {spec.target}, {date.today()}")
+    ref_rate, ref_hit, _, _ = next(iter(results.values()))
+    print(f"{'run':24s} {'samples/s':>10s} {'x first':>7s} {'t->target s':>12s} {'x first':>7s} "
           f"{'final acc':>9s} {'max stale':>9s}")
     for name, (rate, hit, acc, stale) in results.items():
         t = f"{hit:12.1f}" if hit is not None else f"{'never':>12s}"
-        speed = f"{sync_hit / hit:7.2f}" if hit and sync_hit else f"{'-':>7s}"
-        print(f"{name:24s} {rate:10.0f} {rate / sync_rate:7.2f} {t} {speed} {acc:9.4f} {stale:9d}")
+        speed = f"{ref_hit / hit:7.2f}" if hit and ref_hit else f"{'-':>7s}"
+        print(f"{name:24s} {rate:10.0f} {rate / ref_rate:7.2f} {t} {speed} {acc:9.4f} {stale:9d}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import __version__
@@ -80,12 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--bucket-mb", type=float, default=25.0)
     ba.add_argument("--overlap", default="auto", choices=("auto", "thread", "nonblocking", "none"))
     bg = bs.add_parser("straggler", help="one slow rank: throughput and time to accuracy per strategy")
-    bg.add_argument("--job", default="jobs/digits.toml")
+    bg.add_argument("--spec", default="jobs/straggler-digits.toml",
+                    help="comparison file: base job, target, [[run]] tables (the first is the baseline)")
     bg.add_argument("--rank", type=int, default=1, help="the slow rank")
     bg.add_argument("--factor", type=float, default=2.0, help="its steps take factor x its compute time")
-    bg.add_argument("--epochs", type=int, default=10)
-    bg.add_argument("--target", type=float, default=0.97, help="test accuracy for time-to-target")
-    bg.add_argument("--out", default="runs/bench-straggler")
     bg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return p
 
@@ -148,6 +145,7 @@ def main(argv=None) -> None:
     stop_flag()  # catch SIGTERM/SIGUSR1/SIGINT from the very start
     args = _parser().parse_args(argv)
     from .comm import World
+    from .comm.world import exit_cleanly
 
     world = World.create()
     log = world.logger()
@@ -156,27 +154,13 @@ def main(argv=None) -> None:
     except Stopped as e:  # every rank agreed to stop and the checkpoint is written
         if world.is_root:
             log.warning(str(e))
-        _exit(EXIT_STOPPED)
+        exit_cleanly(EXIT_STOPPED)
     except UserError as e:
         if args.debug:
             raise
         if isinstance(e, AgreedError):  # every rank has it: rank 0 prints, all exit cleanly
             if world.is_root:
                 print(f"mpitrain: error: {e}", file=sys.stderr, flush=True)
-            _exit(EXIT_USAGE)
+            exit_cleanly(EXIT_USAGE)
         print(f"mpitrain: error (rank {world.rank}): {e}", file=sys.stderr, flush=True)
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Abort(EXIT_USAGE)  # only this rank knows: end the others too
-
-
-def _exit(code: int) -> None:
-    """Leave without MPI_Abort's banner: every rank got the same error, so finalize and
-    exit with `code` (under `python -m mpi4py` a SystemExit would turn into an abort)."""
-    from mpi4py import MPI
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.Finalize()
-    os._exit(code)
+        world.abort(EXIT_USAGE)  # only this rank knows: end the others too

@@ -17,11 +17,7 @@ from pathlib import Path
 import tomli_w
 
 from .errors import UserError
-
-
-def _opt(default, *, choices=None, min=None, gt=None, help=""):
-    """A dataclass field with validation metadata."""
-    return field(default=default, metadata={"choices": choices, "min": min, "gt": gt, "help": help})
+from .options import build, opt as _opt, to_dict
 
 
 @dataclass(frozen=True)
@@ -81,28 +77,17 @@ class TrainCfg:
 
 @dataclass(frozen=True)
 class SyncCfg:
-    strategy: str = _opt("allreduce", help="strategy registry key (see mpitrain.sync)")
-    bucket_mb: float = _opt(25.0, gt=0.0)
-    first_bucket_mb: float = _opt(1.0, gt=0.0, help="smaller first bucket starts comm early")
-    staleness: int = _opt(3, min=0, help="ssp: how many clocks a worker may run ahead of the slowest")
-    dc_lambda: float = _opt(0.0, min=0.0, help="async: DC-ASGD delay compensation (0 = off; paper: 0.04)")
-    period: int = _opt(4, gt=0, help="local_sgd / post_local_sgd / bmuf / easgd: steps between synchronisations")
-    local_start: int = _opt(100, min=0, help="post_local_sgd: synchronous steps before local SGD")
-    bmuf_momentum: float = _opt(-1.0, min=-1.0, help="bmuf block momentum η (-1 = 1 - 1/N)")
-    bmuf_lr: float = _opt(1.0, gt=0.0, help="bmuf block learning rate ζ")
-    bmuf_nesterov: bool = _opt(True, help="bmuf: restart from W_g + ηΔ (Nesterov) or W_g")
-    easgd_beta: float = _opt(0.9, gt=0.0, help="easgd: center moving rate x p")
-    easgd_alpha: float = _opt(0.0, min=0.0, help="easgd: worker moving rate (0 = β/p)")
-    servers: int = _opt(0, min=0, help="dedicated parameter-server ranks (0 = shards on every rank)")
-    timeout_s: float = _opt(0.0, min=0.0, help="give up waiting for the store after this long (0 = never)")
-    overlap: str = _opt("auto", choices=("auto", "thread", "nonblocking", "none"),
-                        help="thread: blocking Allreduce per bucket on a comm thread; auto: thread "
-                             "when each rank has >= 2 cores, else none (see README benchmarks)")
+    """`strategy` picks a registered strategy; its options come from the `[sync.<strategy>]`
+    table, validated by that strategy's own `Options` dataclass. Tables for strategies
+    that are not selected are validated too, then ignored, so one job file can carry the
+    options of several strategies and switch with `--set sync.strategy=NAME`."""
 
+    strategy: str = "allreduce"
+    options: typing.Any = None  # the selected strategy's Options instance
 
-@dataclass(frozen=True)
-class CommCfg:
-    cuda_path: str = _opt("auto", choices=("auto", "direct", "staged"))
+    def __post_init__(self):
+        if self.options is None:
+            object.__setattr__(self, "options", _strategy_class(self.strategy, "<defaults>").Options())
 
 
 @dataclass(frozen=True)
@@ -120,7 +105,6 @@ class Config:
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     sync: SyncCfg = field(default_factory=SyncCfg)
-    comm: CommCfg = field(default_factory=CommCfg)
     output: OutputCfg = field(default_factory=OutputCfg)
 
     @property
@@ -128,58 +112,75 @@ class Config:
         return Path(self.output.dir.format(name=self.output.name))
 
     def to_dict(self) -> dict:
-        return {s.name: {k: list(v) if isinstance(v, tuple) else v
-                         for k, v in dataclasses.asdict(getattr(self, s.name)).items()}
-                for s in dataclasses.fields(self)}
+        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sync"}
+        out["sync"] = {"strategy": self.sync.strategy, self.sync.strategy: to_dict(self.sync.options)}
+        return out
 
     def dumps(self) -> str:
         return tomli_w.dumps(self.to_dict())
 
 
-def _check(where: str, key: str, f: dataclasses.Field, hint, value):
-    """Return `value` converted to the field's type, or raise UserError."""
-    def bad(expect):
-        raise UserError(f"{where}: {key}: expected {expect}, got {value!r}")
-
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        if not isinstance(value, bool):
-            bad("true or false")
-    elif hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            bad("an integer")
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            bad("a number")
-        value = float(value)
-    elif hint is str:
-        if not isinstance(value, str):
-            bad("a string")
-    elif origin is tuple:
-        (elem, *_rest) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            bad(f"a list of {elem.__name__}s")
-        value = tuple(_check(where, f"{key}[{i}]", f, elem, v) for i, v in enumerate(value))
-    meta = f.metadata
-    if meta.get("choices") and value not in meta["choices"]:
-        bad("one of " + ", ".join(map(repr, meta["choices"])))
-    if meta.get("min") is not None and value < meta["min"]:
-        bad(f"a value >= {meta['min']}")
-    if meta.get("gt") is not None and value <= meta["gt"]:
-        bad(f"a value > {meta['gt']}")
-    return value
-
-
-def _parse_override(item: str) -> tuple[str, str, object]:
+def _parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise UserError(f"--set {item!r}: expected section.key=value")
+        raise UserError(f"--set {item!r}: expected section.key=value (or sync.STRATEGY.key=value)")
     lhs, raw = item.split("=", 1)
-    section, key = lhs.strip().split(".", 1)
+    path = [p.strip() for p in lhs.split(".")]
+    if not all(path):
+        raise UserError(f"--set {item!r}: empty name in {lhs!r}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word: take it as a string
-    return section, key, value
+    return path, value
+
+
+# keys that moved into a strategy's own table ({s} = the selected strategy)
+MOVED = {
+    "sync.bucket_mb": "sync.allreduce.bucket_mb", "sync.first_bucket_mb": "sync.allreduce.first_bucket_mb",
+    "sync.overlap": "sync.allreduce.overlap", "comm.cuda_path": "sync.allreduce.cuda_path",
+    "sync.staleness": "sync.ssp.staleness", "sync.dc_lambda": "sync.async.dc_lambda",
+    "sync.local_start": "sync.post_local_sgd.local_start", "sync.bmuf_momentum": "sync.bmuf.momentum",
+    "sync.bmuf_lr": "sync.bmuf.lr", "sync.bmuf_nesterov": "sync.bmuf.nesterov",
+    "sync.easgd_beta": "sync.easgd.beta", "sync.easgd_alpha": "sync.easgd.alpha",
+    "sync.period": "sync.{s}.period", "sync.servers": "sync.{s}.servers", "sync.timeout_s": "sync.{s}.timeout_s",
+}
+
+
+def _strategy_class(name, where):
+    from .sync import REGISTRY
+
+    if not isinstance(name, str):
+        raise UserError(f"{where}: sync.strategy: expected a string, got {name!r}")
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UserError(f"{where}: sync.strategy: unknown strategy {name!r} "
+                        f"(known: {', '.join(sorted(REGISTRY))})") from None
+
+
+def _sync_section(table: dict, where: str) -> SyncCfg:
+    from .sync import REGISTRY
+
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: sync: expected a table [sync]")
+    name = table.get("strategy", "allreduce")
+    cls = _strategy_class(name, where)
+    for key, value in table.items():
+        if key == "strategy":
+            continue
+        if f"sync.{key}" in MOVED:
+            new = MOVED[f"sync.{key}"].format(s=name)
+            has = sorted(n for n, c in REGISTRY.items() if key in {f.name for f in dataclasses.fields(c.Options)})
+            if "{s}" in MOVED[f"sync.{key}"] and name not in has:
+                raise UserError(f"{where}: sync.{key} is now sync.STRATEGY.{key} for {', '.join(has)} "
+                                f"({name} takes no {key})")
+            raise UserError(f"{where}: sync.{key} is now {new} (write it in a [{new.rsplit('.', 1)[0]}] table, "
+                            f"or --set {new}=...)")
+        if key not in REGISTRY:
+            raise UserError(f"{where}: unknown key sync.{key} (sync takes strategy and one table per "
+                            f"strategy: {', '.join(sorted(REGISTRY))})")
+        build(REGISTRY[key].Options, value, where, f"sync.{key}")  # validated even if not selected
+    return SyncCfg(name, build(cls.Options, table.get(name, {}), where, f"sync.{name}"))
 
 
 def from_dict(raw: dict, where: str = "<config>") -> Config:
@@ -187,20 +188,35 @@ def from_dict(raw: dict, where: str = "<config>") -> Config:
     sections = {}
     hints = typing.get_type_hints(Config)
     for name, table in raw.items():
+        if name == "comm":
+            raise UserError(f"{where}: [comm] cuda_path is now sync.allreduce.cuda_path")
         if name not in hints:
             raise UserError(f"{where}: unknown section [{name}] (known: {', '.join(hints)})")
-        if not isinstance(table, dict):
-            raise UserError(f"{where}: {name}: expected a table [{name}]")
-        cls = hints[name]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        fhints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in table.items():
-            if key not in fields:
-                raise UserError(f"{where}: unknown key {name}.{key} (known: {', '.join(fields)})")
-            kwargs[key] = _check(where, f"{name}.{key}", fields[key], fhints[key], value)
-        sections[name] = cls(**kwargs)
-    return Config(**sections)
+        if name == "sync":
+            sections[name] = _sync_section(table, where)
+        else:
+            sections[name] = build(hints[name], table, where, name)
+    cfg = Config(**sections)
+    _cross_checks(cfg, where)
+    return cfg
+
+
+def _cross_checks(cfg: Config, where: str) -> None:
+    """Checks that involve several sections (before any collective)."""
+    from .sync import REGISTRY
+
+    d = cfg.data
+    if d.assign == "dynamic":
+        if not REGISTRY[cfg.sync.strategy].uneven_steps:
+            able = ", ".join(n for n, c in sorted(REGISTRY.items()) if c.uneven_steps)
+            raise UserError(f"{where}: data.assign = 'dynamic' needs a strategy that lets ranks run "
+                            f"different numbers of steps ({able}), not {cfg.sync.strategy!r}")
+        if d.mode != "replicated":
+            raise UserError(f"{where}: data.assign = 'dynamic' needs data.mode = 'replicated' "
+                            "(any rank may take any batch)")
+    if d.shuffle == "global" and d.mode == "partitioned":
+        raise UserError(f"{where}: data.shuffle = 'global' needs data.mode = 'replicated' "
+                        "(partitioned ranks hold only their shard; use 'shard')")
 
 
 def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -218,10 +234,13 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{where}: malformed TOML: {e}") from None
     for item in overrides:
-        section, key, value = _parse_override(item)
-        if not isinstance(raw.setdefault(section, {}), dict):
-            raise UserError(f"--set {item!r}: {section} is not a table")
-        raw[section][key] = value
+        keys, value = _parse_override(item)
+        table = raw
+        for i, name in enumerate(keys[:-1]):
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise UserError(f"--set {item!r}: {'.'.join(keys[:i + 1])} is not a table")
+        table[keys[-1]] = value
     if not raw.get("output", {}).get("name"):
         raw.setdefault("output", {})["name"] = Path(path).stem if path else "run"
     where = where + (" (with --set)" if overrides else "")

@@ -1,4 +1,5 @@
-"""Stop requests (signals) and the exit codes a job script can act on.
+"""Stop requests (signals), the hang watchdog, straggler injection, failure-safe cleanup,
+and the exit codes a job script can act on.
 
 SIGTERM, SIGUSR1 (what Slurm sends with --signal before a time limit or preemption) and
 SIGINT only set a flag; every rank checks it at each step boundary with one tiny
@@ -8,11 +9,17 @@ with EXIT_STOPPED, which a batch script can turn into a requeue.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
+import threading
+import time
 
-from mpi4py import MPI
+from .comm.heartbeat import Heartbeat
+from .errors import AgreedError
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: "try again" -- stopped on request after a checkpoint
+EXIT_HANG = 3  # the watchdog aborted a job that stopped making progress
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -25,27 +32,22 @@ class Stopped(Exception):
 
 
 class StopFlag:
-    """Installs the handlers (main thread only); restores the old ones on close."""
+    """Installs the handlers (main thread only)."""
 
     def __init__(self):
         self.signum = 0
-        self._old = {}
         for s in SIGNALS:
             try:
-                self._old[s] = signal.signal(s, self._handler)
+                signal.signal(s, self._handler)
             except ValueError:  # not the main thread (e.g. embedded use): no signal handling
                 pass
 
     def _handler(self, signum, frame):
         self.signum = signum
 
-    def agreed(self, comm: MPI.Intracomm) -> int:
+    def agreed(self, world) -> int:
         """Collective: the signal number any rank received (0 = none)."""
-        return comm.allreduce(self.signum, op=MPI.MAX)
-
-    def close(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+        return world.max(self.signum)
 
 
 _FLAG: StopFlag | None = None
@@ -60,32 +62,44 @@ def stop_flag() -> StopFlag:
     return _FLAG
 
 
-EXIT_HANG = 3  # the watchdog aborted a job that stopped making progress
+@contextlib.contextmanager
+def collective_cleanup():
+    """An ExitStack for resources whose release is collective (windows, communicators,
+    threads that take part in collectives). It is closed when the block ends normally or
+    with an error every rank raised at the same point (AgreedError, Stopped); on any other
+    exception only this rank is unwinding, so nothing collective runs: the exception goes
+    on to MPI_Abort (python -m mpi4py), which ends every rank."""
+    stack = contextlib.ExitStack()
+    try:
+        yield stack
+    except (AgreedError, Stopped):
+        stack.close()
+        raise
+    stack.close()
+
+
+def inject_straggler(world, cfg_train, t_compute: float) -> None:
+    """Straggler injection (train.slowdown_rank): that rank sleeps so its step takes
+    slowdown_factor x its compute time."""
+    if world.rank == cfg_train.slowdown_rank:
+        time.sleep((cfg_train.slowdown_factor - 1) * (time.perf_counter() - t_compute))
 
 
 class Watchdog:
-    """Collective to create: aborts the job when this rank sees no progress for `timeout` s.
+    """Collective to create and to `close`: aborts the job when this rank sees no progress
+    for `timeout` s.
 
-    Every rank publishes the last step it finished in a one-slot RMA window (`beat`). A
-    thread checks the age of the local beat; past the timeout it reads every rank's slot
+    Every rank publishes the step it works on in a heartbeat window (`beat`). A thread
+    checks the age of the local beat; past the timeout it reads every rank's slot
     (passive-target Get: the lagging rank need not cooperate), prints which ranks are
-    behind and at which step, and calls MPI_Abort, instead of hanging forever in a
+    behind and at which step, and aborts the job, instead of hanging forever in a
     collective or an RMA wait. A rank killed outright is handled faster by the launcher
     (Open MPI ends the job when a process dies).
     """
 
-    def __init__(self, world, timeout: float, log=None):
-        import threading
-        import time
-
-        import numpy as np
-
-        self.world, self.timeout, self.log = world, timeout, log
-        self.comm = world.comm.Dup()
-        self.win = MPI.Win.Allocate(8, 8, comm=self.comm)
-        self.mine = np.frombuffer(self.win.tomemory(), dtype=np.int64, count=1)
-        self.mine[0] = 0
-        self.comm.Barrier()
+    def __init__(self, world, timeout: float):
+        self.world, self.timeout = world, timeout
+        self.heart = Heartbeat(world)
         self.step, self.last = -1, time.monotonic()
         self._stop = threading.Event()
         self._thread = None
@@ -95,41 +109,33 @@ class Watchdog:
 
     def beat(self, step: int, waiting: bool = False) -> None:
         """This rank now works on `step` (computing, or waiting on the others)."""
-        import time
-
         self.step, self.last = step, time.monotonic()
-        self.mine[0] = 2 * step + int(waiting)
+        self.heart.set(2 * step + int(waiting))
+
+    @contextlib.contextmanager
+    def waiting(self, step: int):
+        """Beats around a block in which this rank waits on the others (a collective)."""
+        self.beat(step, waiting=True)
+        yield
+        self.beat(step, waiting=True)
 
     def _watch(self):
-        import sys
-        import time
-
-        import numpy as np
-
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             idle = time.monotonic() - self.last
             if idle < self.timeout:
                 continue
-            steps = []
-            for r in range(self.comm.Get_size()):
-                buf = np.zeros(1, np.int64)
-                self.win.Lock(r, MPI.LOCK_SHARED)
-                self.win.Get([buf, MPI.INT64_T], r)
-                self.win.Unlock(r)
-                steps.append(int(buf[0]))
+            steps = self.heart.read_all()
             ahead = max(steps)
             behind = [f"{r} ({'waiting in' if s % 2 else 'computing'} step {s // 2})"
                       for r, s in enumerate(steps) if s < ahead]
             print(f"mpitrain: watchdog on rank {self.world.rank}: no progress for {idle:.0f} s in step "
                   f"{self.step}; ranks behind: {', '.join(behind) or 'none (all stuck at the same point)'}; "
                   f"aborting (exit {EXIT_HANG})", file=sys.stderr, flush=True)
-            MPI.COMM_WORLD.Abort(EXIT_HANG)
+            self.world.abort(EXIT_HANG)
 
     def close(self):
         """Collective."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.comm.Barrier()
-        self.win.Free()
-        self.comm.Free()
+        self.heart.free()

@@ -208,7 +208,7 @@ def compare(path: str, world, log) -> str | None:
     from .train import train
 
     spec = world.agree(load_compare, path)
-    cfgs = [world.agree(config.load, spec.job, [*spec.overrides, *extra, f"output.dir={spec.out / _slug(name)}",
+    cfgs = [world.agree(config.load, spec.job, [*spec.overrides, *extra, f"output.dir={run_folder(spec.out, name)}",
                                                 f"output.name={name}"])
             for name, extra in spec.runs]  # validate every run before training any
     level = log.level
@@ -224,5 +224,6 @@ def compare(path: str, world, log) -> str | None:
     return None
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-")
+def run_folder(out: Path, name: str) -> Path:
+    """The run folder of a comparison's run: out/<name, with only safe characters>."""
+    return out / "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-")

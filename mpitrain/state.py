@@ -7,20 +7,24 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, sync
 from .errors import AgreedError, UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class Position:
+    """Where training stands: after `step` steps, in `epoch`, `samples_in_epoch` global
+    samples into it; `snapshot` is the checkpoint it was restored from, if any."""
+
     step: int = 0
     epoch: int = 0
-    samples_in_epoch: int = 0  # global samples of `epoch` already trained on
+    samples_in_epoch: int = 0
+    snapshot: checkpoint.Snapshot | None = None
 
 
 def consistency_check(job) -> None:
@@ -29,7 +33,7 @@ def consistency_check(job) -> None:
     items = {"config": job.cfg.dumps(), "model structure": json.dumps(model), "mpitrain version": __version__}
     for what, value in items.items():
         h = hashlib.sha256(value.encode()).hexdigest()
-        hashes = job.world.comm.allgather(h)
+        hashes = job.world.allgather(h)
         for r, hr in enumerate(hashes):
             if hr != hashes[0]:
                 raise AgreedError(f"{what} differs between rank 0 and rank {r} "
@@ -41,10 +45,9 @@ def save(job, pos: Position) -> str:
     A failure (e.g. disk full) leaves the previous checkpoints untouched and is raised as
     one AgreedError on every rank."""
     world, strategy = job.world, job.strategy
-    strategy.before_eval()  # consolidate: the model every rank agrees on
-    try:
-        sstate = strategy.state_dict()  # collective for store-backed strategies
-        rng = world.comm.gather(torch.get_rng_state().numpy(), root=0)
+    with strategy.consolidated():  # the model every rank agrees on
+        sstate = strategy.state_dict() if isinstance(strategy, sync.Stateful) else {}
+        rng = world.gather(torch.get_rng_state().numpy())
         err, path = None, checkpoint.path_for(job.run_dir, pos.step)
         if world.is_root:
             snap = checkpoint.Snapshot(
@@ -61,10 +64,8 @@ def save(job, pos: Position) -> str:
                 prev = checkpoint.list_checkpoints(job.run_dir)
                 err = (f"checkpoint at step {pos.step} failed: {e.strerror or e}; "
                        + (f"previous checkpoint {prev[0].name} intact" if prev else "no earlier checkpoint"))
-        world.raise_any(world.comm.bcast(err, root=0))
-        return str(path)
-    finally:
-        strategy.after_eval()
+        world.raise_any(world.bcast(err))
+    return str(path)
 
 
 def _optimizer_arrays(opt: torch.optim.Optimizer) -> dict:
@@ -88,8 +89,6 @@ def find(job) -> checkpoint.Snapshot | None:
     path = job.world.on_root(choose)
     if path is None:
         return None
-    from pathlib import Path
-
     return job.world.agree(checkpoint.read, Path(path))
 
 
@@ -119,4 +118,4 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
     r = job.world.rank
     if r < len(snap.rng):
         torch.set_rng_state(torch.from_numpy(np.array(snap.rng[r])))
-    return Position(snap.step, snap.epoch, snap.samples_in_epoch)
+    return Position(snap.step, snap.epoch, snap.samples_in_epoch, snap)

@@ -1,5 +1,5 @@
-"""The only package that moves tensors through MPI."""
+"""The only package that talks to MPI: the World, tensor buffers and collectives, RMA."""
 
-from .world import World
+from .world import World, shard_bounds
 
-__all__ = ["World"]
+__all__ = ["World", "shard_bounds"]

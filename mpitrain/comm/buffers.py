@@ -15,9 +15,29 @@ import functools
 import os
 import shutil
 import subprocess
+import threading
 
 import torch
 from mpi4py import MPI
+
+
+class Traffic:
+    """Bytes this process handed to MPI as payload, counted where the call is made: a
+    collective counts its buffer once per call (an allreduce of B bytes counts B, whatever
+    algorithm MPI runs inside; a broadcast counts B on the root only), a one-sided
+    Put/Get/Accumulate counts the bytes it moves. Control values (flags, counters,
+    clocks, metrics) are not counted."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.sent = 0
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:  # the comm thread counts too
+            self.sent += int(nbytes)
+
+
+TRAFFIC = Traffic()
 
 # dtypes MPI reduces natively (tensor dtype -> MPI datatype)
 NATIVE = {
@@ -131,7 +151,7 @@ class Stager:
 
 
 def allreduce_(comm: MPI.Intracomm, t: torch.Tensor, *, direct_cuda: bool | None = None,
-               stager: Stager | None = None) -> torch.Tensor:
+               stager: Stager | None = None, count: bool = True) -> torch.Tensor:
     """Collective: in-place SUM allreduce of a contiguous tensor of any allowed dtype/device.
 
     float16/bfloat16 go through float32; CUDA tensors go direct only when `direct_cuda`
@@ -139,6 +159,8 @@ def allreduce_(comm: MPI.Intracomm, t: torch.Tensor, *, direct_cuda: bool | None
     """
     if not t.is_contiguous():
         raise ValueError("allreduce_ needs a contiguous tensor")
+    if count:
+        TRAFFIC.add(t.numel() * (4 if t.dtype in VIA_FLOAT32 else t.element_size()))
     if t.is_cuda:
         direct = cuda_aware() if direct_cuda is None else (direct_cuda and cuda_aware())
         if direct and t.dtype not in VIA_FLOAT32:
@@ -161,6 +183,8 @@ def allreduce_(comm: MPI.Intracomm, t: torch.Tensor, *, direct_cuda: bool | None
 
 def bcast_(comm: MPI.Intracomm, t: torch.Tensor, root: int = 0) -> torch.Tensor:
     """Collective: in-place broadcast of a contiguous tensor from `root`."""
+    if comm.Get_rank() == root:
+        TRAFFIC.add(t.numel() * t.element_size())
     if t.is_cuda and not cuda_aware():
         host = t.detach().cpu()
         comm.Bcast(host_buffer(host.view(torch.uint8).reshape(-1)), root=root)
@@ -172,3 +196,13 @@ def bcast_(comm: MPI.Intracomm, t: torch.Tensor, root: int = 0) -> torch.Tensor:
         return t
     comm.Bcast(host_buffer(t.view(torch.uint8).reshape(-1)), root=root)
     return t
+
+
+def broadcast_module(comm: MPI.Intracomm, model: torch.nn.Module) -> None:
+    """Collective: every rank gets rank 0's parameters and buffers."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            flat = t.data.contiguous()
+            bcast_(comm, flat)
+            if flat.data_ptr() != t.data.data_ptr():
+                t.data.copy_(flat)

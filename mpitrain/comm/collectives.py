@@ -7,7 +7,8 @@ early. A post-accumulate-grad hook counts ready parameters; when a bucket is com
 is launched. Buckets are always launched in index order, so every rank issues the same
 collectives in the same order even if hooks fire in a different order.
 
-Overlap modes (chosen by `mpitrain bench step`, see README):
+Overlap modes (chosen by `mpitrain bench step`, see README; `resolve_overlap` is the one
+place that turns "auto" into a mode):
 - "thread": a communication thread runs a blocking Allreduce per bucket on its own
   communicator (mpi4py releases the GIL in MPI calls). Measured fastest: Open MPI makes
   no background progress on Iallreduce while Python computes.
@@ -27,12 +28,21 @@ from mpi4py import MPI
 from . import buffers
 
 
-class GradBuckets:
-    """Gradients of `params` in flat buffers, averaged over `comm` as they become ready."""
+def resolve_overlap(overlap: str, cores_per_rank: int, on_gpu: bool) -> str:
+    """The overlap mode for "auto": a comm thread only pays when it has a core of its own
+    (or the compute runs on a GPU); measured in `mpitrain bench step`."""
+    if overlap != "auto":
+        return overlap
+    return "thread" if cores_per_rank >= 2 or on_gpu else "none"
 
-    def __init__(self, params, comm: MPI.Intracomm, *, bucket_bytes: int, first_bucket_bytes: int,
+
+class GradBuckets:
+    """Gradients of `params` in flat bucket buffers, summed (or averaged) over the world's
+    ranks as they become ready. Collective to create and to `close`."""
+
+    def __init__(self, params, world, *, bucket_bytes: int, first_bucket_bytes: int,
                  overlap: str = "thread", average: bool = True, cuda_path: str = "auto", log=None):
-        self.comm = comm.Dup()
+        self.comm = world.comm.Dup()
         self.size = self.comm.Get_size()
         # average=False: the caller pre-scaled the loss, the SUM is already the mean (saves a pass)
         self.scale = 1.0 / self.size if average and self.size > 1 else None
@@ -49,7 +59,7 @@ class GradBuckets:
             cur_bytes += nb
         if cur:
             self.buckets.append(cur)
-        self.flat: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []
         self.views: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.bucket_of: dict[torch.nn.Parameter, int] = {}
         for b, ps in enumerate(self.buckets):
@@ -63,11 +73,11 @@ class GradBuckets:
                 self.views[p] = view
                 self.bucket_of[p] = b
                 off += p.numel()
-            self.flat.append(flat)
-        self.nbytes = sum(f.numel() * f.element_size() for f in self.flat)
-        self.is_cuda = bool(self.flat) and self.flat[0].is_cuda
+            self.buffers.append(flat)
+        self.nbytes = sum(f.numel() * f.element_size() for f in self.buffers)
+        self.is_cuda = bool(self.buffers) and self.buffers[0].is_cuda
         self.direct = self.is_cuda and self._choose_direct(cuda_path, log)
-        self.stagers = [buffers.Stager(f) for f in self.flat] if self.is_cuda else None
+        self.stagers = [buffers.Stager(f) for f in self.buffers] if self.is_cuda else None
         self._hooks = [p.register_post_accumulate_grad_hook(self.grad_ready) for p in self.params]
         self._reset()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
@@ -89,7 +99,7 @@ class GradBuckets:
         self._reqs: list[MPI.Request] = []
 
     def zero_(self):
-        for f in self.flat:
+        for f in self.buffers:
             f.zero_()
 
     def grad_ready(self, p):
@@ -114,6 +124,7 @@ class GradBuckets:
             self._next += 1
 
     def _launch(self, b: int):
+        buffers.TRAFFIC.add(self.buffers[b].numel() * self.buffers[b].element_size())
         if self.overlap == "thread":
             self._work.put(b)
         elif self.overlap == "nonblocking":
@@ -121,18 +132,18 @@ class GradBuckets:
                 host = self._host(b)
                 self._reqs.append(self.comm.Iallreduce(MPI.IN_PLACE, buffers.host_buffer(host), op=MPI.SUM))
             else:
-                self._reqs.append(self.comm.Iallreduce(MPI.IN_PLACE, buffers.host_buffer(self.flat[b]),
+                self._reqs.append(self.comm.Iallreduce(MPI.IN_PLACE, buffers.host_buffer(self.buffers[b]),
                                                        op=MPI.SUM))
 
     def _host(self, b: int) -> torch.Tensor:
-        return self.stagers[b].to_host(self.flat[b], self._events[b])
+        return self.stagers[b].to_host(self.buffers[b], self._events[b])
 
     def _reduce_blocking(self, b: int):
-        flat = self.flat[b]
+        flat = self.buffers[b]
         if self.is_cuda:
             if self._events[b] is not None:
                 self._events[b].synchronize()
-            buffers.allreduce_(self.comm, flat, direct_cuda=self.direct, stager=self.stagers[b])
+            buffers.allreduce_(self.comm, flat, direct_cuda=self.direct, stager=self.stagers[b], count=False)
         else:
             self.comm.Allreduce(MPI.IN_PLACE, buffers.host_buffer(flat), op=MPI.SUM)
         if self.scale is not None:
@@ -163,7 +174,7 @@ class GradBuckets:
                     raise err
         elif self.overlap == "nonblocking":
             MPI.Request.Waitall(self._reqs)
-            for b, flat in enumerate(self.flat):
+            for b, flat in enumerate(self.buffers):
                 if self.is_cuda:
                     self.stagers[b].to_device(flat)
                 if self.scale is not None:
@@ -191,7 +202,7 @@ class GradBuckets:
             return False
         if cuda_path != "auto":
             return cuda_path == "direct"
-        probe = max(self.flat, key=torch.Tensor.numel).clone()
+        probe = max(self.buffers, key=torch.Tensor.numel).clone()
         stager = buffers.Stager(probe)
         times = {}
         for direct in (True, False):

@@ -15,7 +15,7 @@ Locking discipline (passive target, one lock epoch per operation):
   contribution has landed.
 - Reading `params` takes a SHARED lock; changing `params`/`state` (an optimizer step by
   whichever rank applies it) holds EXCLUSIVE locks on both, so no read is ever torn.
-- Counters and versions change only through Fetch_and_op / Accumulate on int64 (never
+- Counts and versions change only through Fetch_and_op / Accumulate on int64 (never
   Compare_and_swap: it crashes the target under Debian's default osc/rdma, design.md).
 - Lock order is always params -> state -> accum -> ctl, so two appliers cannot deadlock.
 
@@ -35,7 +35,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from ..data.sampler import shard_bounds
+from .buffers import TRAFFIC
+from .world import shard_bounds
 
 F32 = MPI.FLOAT
 I64 = MPI.INT64_T
@@ -120,6 +121,7 @@ class ShardedVector:
         try:
             version = self.read_ctl(owner, version_index) if version_index is not None else None
             self.win_params.Get([out, F32], owner, target=(disp, len(out), F32))
+            TRAFFIC.add(out.nbytes)
         finally:
             self.win_params.Unlock(owner)
         return version
@@ -130,6 +132,7 @@ class ShardedVector:
             self.win_params.Lock(owner, MPI.LOCK_EXCLUSIVE)
             self.win_params.Put([np.ascontiguousarray(values[a:b]), F32], owner, target=(0, b - a, F32))
             self.win_params.Unlock(owner)
+            TRAFFIC.add(4 * (b - a))
 
     def add_to_params(self, owner: int, disp: int, delta: np.ndarray):
         """params[disp:disp+len(delta)] += delta on owner, atomically w.r.t. readers
@@ -137,6 +140,7 @@ class ShardedVector:
         self.win_params.Lock(owner, MPI.LOCK_EXCLUSIVE)
         self.win_params.Accumulate([delta, F32], owner, target=(disp, len(delta), F32), op=MPI.SUM)
         self.win_params.Unlock(owner)
+        TRAFFIC.add(delta.nbytes)
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray, float]:
         """(params, state as (state_slots, n), step) gathered from every owner (any rank)."""
@@ -149,6 +153,7 @@ class ShardedVector:
             self.win_state.Lock(owner, MPI.LOCK_SHARED)
             self.win_state.Get([buf, F32], owner, target=(0, len(buf), F32))
             self.win_state.Unlock(owner)
+            TRAFFIC.add(buf.nbytes)
             state[:, a:b] = buf[:-1].reshape(self.state_slots, m)
             step = float(buf[-1])
         return params, state, step
@@ -165,12 +170,14 @@ class ShardedVector:
             self.win_state.Lock(owner, MPI.LOCK_EXCLUSIVE)
             self.win_state.Put([buf, F32], owner, target=(0, len(buf), F32))
             self.win_state.Unlock(owner)
+            TRAFFIC.add(buf.nbytes)
 
     def accumulate(self, owner: int, slot: int, m: int, delta: np.ndarray):
         """Add delta (a whole shard) into accumulator `slot` of owner and wait until it landed."""
         self.win_accum.Lock(owner, MPI.LOCK_SHARED)
         self.win_accum.Accumulate([delta, F32], owner, target=(slot * m, m, F32), op=MPI.SUM)
         self.win_accum.Unlock(owner)  # unlock = remote completion
+        TRAFFIC.add(delta.nbytes)
 
     # -- int64 control -----------------------------------------------------------------
     def fetch_add(self, owner: int, index: int, value: int) -> int:
@@ -226,6 +233,7 @@ class ShardedVector:
                 accum = None
             self.win_params.Flush(owner)
             self.win_state.Flush(owner)
+            TRAFFIC.add(2 * (params.nbytes + state.nbytes) + (2 * m * 4 if accum_slot is not None else 0))
             if on_done is not None:
                 on_done()
         finally:
@@ -237,22 +245,3 @@ class ShardedVector:
     def free(self):
         for w in (self.win_params, self.win_state, self.win_accum, self.win_ctl):
             w.Free()
-
-
-class Counters:
-    """Collective: `count` int64 counters in a window on `host`; fetch_add is atomic."""
-
-    def __init__(self, comm: MPI.Intracomm, count: int, host: int = 0):
-        self.comm, self.host = comm, host
-        self.win, self.local = _alloc(comm, count if comm.Get_rank() == host else 0, 8)
-        comm.Barrier()
-
-    def fetch_add(self, index: int, value: int = 1) -> int:
-        res = np.zeros(1, np.int64)
-        self.win.Lock(self.host, MPI.LOCK_SHARED)
-        self.win.Fetch_and_op([np.array([value], np.int64), I64], [res, I64], self.host, index, op=MPI.SUM)
-        self.win.Unlock(self.host)
-        return int(res[0])
-
-    def free(self):
-        self.win.Free()

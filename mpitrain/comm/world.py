@@ -1,4 +1,5 @@
-"""World: the job's communicator, ranks, node-local placement, device and logging."""
+"""World: the job's communicator, ranks, node-local placement, device and logging, and the
+few collectives the rest of the package needs (so nothing outside comm/ touches MPI)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 from mpi4py import MPI
 
 from ..errors import AgreedError, UserError
+
+
+def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous block of np.array_split(range(n), size)."""
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 
 @dataclass
@@ -35,6 +44,10 @@ class World:
     @property
     def is_root(self) -> bool:
         return self.rank == 0
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """[lo, hi) of this rank's contiguous block of n items."""
+        return shard_bounds(n, self.size, self.rank)
 
     def cores_per_rank(self) -> int:
         """CPU cores this rank should use: its binding if bound, else the node's share."""
@@ -65,6 +78,81 @@ class World:
             log.setLevel(logging.INFO)
         return log
 
+    # -- tensors (counted in buffers.TRAFFIC) ---------------------------------------------------
+    def allreduce_(self, t):
+        """Collective: in-place sum over ranks of a contiguous tensor (any allowed dtype/device)."""
+        from . import buffers
+
+        return buffers.allreduce_(self.comm, t)
+
+    def average_(self, t):
+        """Collective: in-place mean over ranks of a contiguous tensor."""
+        return self.allreduce_(t).div_(self.size) if self.size > 1 else t
+
+    def broadcast_module(self, model) -> None:
+        """Collective: every rank gets rank 0's parameters and buffers."""
+        from . import buffers
+
+        buffers.broadcast_module(self.comm, model)
+
+    @staticmethod
+    def bytes_sent() -> int:
+        """Tensor payload this process has handed to MPI so far (see buffers.Traffic)."""
+        from . import buffers
+
+        return buffers.TRAFFIC.sent
+
+    # -- small collectives on Python values (not counted as traffic) -------------------------
+    def sum(self, x):
+        """Collective: element-wise sum over ranks of a number or numpy array."""
+        if isinstance(x, np.ndarray):
+            out = np.array(x, dtype=np.float64)
+            self.comm.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
+            return out
+        return self.comm.allreduce(x, op=MPI.SUM)
+
+    def max(self, x):
+        """Collective: the largest value over ranks."""
+        return self.comm.allreduce(x, op=MPI.MAX)
+
+    def min(self, x):
+        """Collective: the smallest value over ranks."""
+        return self.comm.allreduce(x, op=MPI.MIN)
+
+    def any(self, flag: bool) -> bool:
+        """Collective: whether the flag is true on any rank."""
+        return bool(self.comm.allreduce(bool(flag), op=MPI.LOR))
+
+    def allgather(self, obj) -> list:
+        """Collective: every rank's (small, picklable-free: str/number/array) value."""
+        return self.comm.allgather(obj)
+
+    def gather(self, obj) -> list | None:
+        """Collective: every rank's value on rank 0 (None elsewhere)."""
+        return self.comm.gather(obj, root=0)
+
+    def bcast(self, obj):
+        """Collective: rank 0's value on every rank."""
+        return self.comm.bcast(obj, root=0)
+
+    def barrier(self) -> None:
+        """Collective."""
+        self.comm.Barrier()
+
+    def counter(self, start: int = 0):
+        """Collective: a shared atomic int counter hosted on rank 0 (`next()` claims one;
+        `free()` is collective). mpi4py's Counter uses Fetch_and_op only."""
+        from mpi4py.util.sync import Counter
+
+        return Counter(start, typecode="q", comm=self.comm, root=0)
+
+    def abort(self, code: int) -> None:
+        """End the whole job now (every rank of every world) with exit code `code`."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(code)
+
+    # -- agreement on errors ------------------------------------------------------------------
     def agree(self, fn, *args, **kwargs):
         """Collective: run fn on every rank; if it raised UserError on any rank, raise the
         lowest failing rank's message on all ranks (so none is left waiting)."""
@@ -104,7 +192,7 @@ class World:
 
     def agree_job(self, fn, *args, **kwargs):
         """Collective over the whole job (parent, if any): like agree, so ranks outside this
-        world (e.g. parameter servers waiting in `serve`) learn about a failure too."""
+        world (e.g. parameter servers) learn about a failure too."""
         if self.parent is None:
             return self.agree(fn, *args, **kwargs)
         err = None
@@ -120,6 +208,26 @@ class World:
         errs = [e for e in self.comm.allgather(err) if e is not None]
         if errs:
             raise AgreedError(errs[0])
+
+    def free(self) -> None:
+        """Collective: release the communicator (a World made by split)."""
+        if self.comm != MPI.COMM_NULL:
+            self.comm.Free()
+
+
+def library_version() -> str:
+    """The MPI library's name and version (first line)."""
+    return MPI.Get_library_version().splitlines()[0].strip()
+
+
+def exit_cleanly(code: int) -> None:
+    """Leave without MPI_Abort's banner when every rank leaves the same way: finalize and
+    exit with `code` (under `python -m mpi4py` a SystemExit would turn into an abort)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    os._exit(code)
 
 
 class _TqdmHandler(logging.StreamHandler):

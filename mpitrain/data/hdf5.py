@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 
 from ..errors import AgreedError, UserError
-from .sampler import shard_bounds
 
 
 @dataclass
@@ -80,7 +79,7 @@ def _split_datasets(f: h5py.File, path: str, group: str, xname: str, yname: str)
     return x, y
 
 
-def load(cfg, world, need_test: bool = True) -> tuple[Split, Split | None, Meta]:
+def load(cfg, world) -> tuple[Split, Split | None, Meta]:
     """Collective: open cfg.path and read the train (and test) split for this rank."""
     path = cfg.path
     # agree on the cheap checks before the collective open (a missing file must not hang)
@@ -97,14 +96,12 @@ def load(cfg, world, need_test: bool = True) -> tuple[Split, Split | None, Meta]
     except OSError as e:
         raise AgreedError(f"{path}: cannot open HDF5 file: {e}") from None
     try:
-        splits, num_classes = world.agree(_load_open, f, cfg, world, need_test)
+        splits, num_classes = world.agree(_load_open, f, cfg, world)
     finally:
         f.close()
-    from mpi4py import MPI
-
     lo = min((int(s.y.min()) for s in splits if len(s.y)), default=0)
     hi = max((int(s.y.max()) for s in splits if len(s.y)), default=0)
-    lo, hi = world.comm.allreduce(lo, op=MPI.MIN), world.comm.allreduce(hi, op=MPI.MAX)
+    lo, hi = world.min(lo), world.max(hi)
     num_classes = num_classes or hi + 1
     if lo < 0 or hi >= num_classes:
         raise AgreedError(f"{path}: labels must lie in [0, {num_classes}), found [{lo}, {hi}]")
@@ -114,8 +111,8 @@ def load(cfg, world, need_test: bool = True) -> tuple[Split, Split | None, Meta]
     return splits[0], (splits[1] if len(splits) > 1 else None), meta
 
 
-def _load_open(f, cfg, world, need_test):
-    groups = [(cfg.train, "train")] + ([(cfg.test, "test")] if need_test and cfg.test else [])
+def _load_open(f, cfg, world):
+    groups = [(cfg.train, "train")] + ([(cfg.test, "test")] if cfg.test else [])
     for g, key in groups:
         if g not in f:
             raise UserError(f"{cfg.path}: no group {g!r} (data.{key}); found: {', '.join(sorted(f.keys()))}")
@@ -135,7 +132,7 @@ def _load_open(f, cfg, world, need_test):
 
 def _read_split(x, y, cfg, world, replicated: bool) -> Split:
     n = x.shape[0]
-    lo, hi = (0, n) if replicated else shard_bounds(n, world.size, world.rank)
+    lo, hi = (0, n) if replicated else world.shard(n)
     span = n if replicated else math.ceil(n / world.size)
     n_reads = max(1, math.ceil(span / cfg.read_chunk))
     # an empty piece would make h5py skip the collective H5Dread on that rank: fall back

@@ -11,7 +11,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .sampler import shard_bounds
 
 
 def write_serial(path: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -45,20 +44,20 @@ def write_parallel(path: str | Path, world, sizes: dict[str, int], shape: tuple[
     tmp = path.with_suffix(path.suffix + ".tmp")
     if world.is_root:
         path.parent.mkdir(parents=True, exist_ok=True)
-    world.comm.Barrier()
+    world.barrier()
     with h5py.File(tmp, "w", driver="mpio", comm=world.comm) as f:
         _attrs(f, num_classes, source, description)
         for name, n in sizes.items():
             g = f.create_group(name)
             dx = g.create_dataset("x", shape=(n, *shape), dtype=np.float32)
             dy = g.create_dataset("y", shape=(n,), dtype=np.int64)
-            lo, hi = shard_bounds(n, world.size, world.rank)
+            lo, hi = world.shard(n)
             x, y = fill(name, lo, hi)
             with dx.collective:
                 dx[lo:hi] = x
             with dy.collective:
                 dy[lo:hi] = y
-    world.comm.Barrier()
+    world.barrier()
     if world.is_root:
         tmp.replace(path)
-    world.comm.Barrier()
+    world.barrier()

@@ -2,41 +2,50 @@
 
 from __future__ import annotations
 
-import numpy as np
+import contextlib
+from dataclasses import dataclass
 
-from ..comm.collectives import GradBuckets
-from .base import broadcast_model, register
+from ..comm.collectives import GradBuckets, resolve_overlap
+from ..options import opt
+from .base import register
+
+
+@dataclass(frozen=True)
+class Options:
+    bucket_mb: float = opt(25.0, gt=0.0, help="gradient bucket size")
+    first_bucket_mb: float = opt(1.0, gt=0.0, help="smaller first bucket starts communication early")
+    overlap: str = opt("auto", choices=("auto", "thread", "nonblocking", "none"),
+                       help="thread: blocking Allreduce per bucket on a comm thread; auto: thread when "
+                            "each rank has >= 2 cores or a GPU, else none (see README benchmarks)")
+    cuda_path: str = opt("auto", choices=("auto", "direct", "staged"),
+                         help="CUDA tensors: device buffers to a CUDA-aware MPI, or pinned-host staging")
 
 
 @register("allreduce")
 class AllreduceStrategy:
     """Every step: mean of the gradients over all ranks, then the same optimizer step
-    everywhere. Optimizer state stays local and identical on all ranks."""
+    everywhere. Optimizer state stays local and identical on all ranks. The loss is
+    pre-scaled by 1/global batch, so the SUM the buckets compute is already the mean."""
 
-    def __init__(self, cfg, world, log=None):
-        self.cfg, self.world, self.log = cfg, world, log
+    Options = Options
+    sums_gradients = True
+
+    def __init__(self, options: Options, world, log=None):
+        self.options, self.world, self.log = options, world, log
         self.buckets: GradBuckets | None = None
 
-    def setup(self, model, optimizer):
-        broadcast_model(model, self.world)
-        s = self.cfg.sync
-        overlap = s.overlap
-        if overlap == "auto":  # a comm thread only pays when it has a core of its own
-            overlap = "thread" if self.world.cores_per_rank() >= 2 or self.cfg.train.device != "cpu" else "none"
-        self.buckets = GradBuckets(model.parameters(), self.world.comm,
-                                   bucket_bytes=int(s.bucket_mb * 2**20),
-                                   first_bucket_bytes=int(s.first_bucket_mb * 2**20),
-                                   overlap=overlap, average=False, cuda_path=self.cfg.comm.cuda_path,
-                                   log=self.log)
+    def setup(self, model, optimizer, resources):
+        o = self.options
+        self.world.broadcast_module(model)
+        on_gpu = next(model.parameters()).is_cuda
+        overlap = resolve_overlap(o.overlap, self.world.cores_per_rank(), on_gpu)
+        self.buckets = GradBuckets(model.parameters(), self.world, bucket_bytes=int(o.bucket_mb * 2**20),
+                                   first_bucket_bytes=int(o.first_bucket_mb * 2**20), overlap=overlap,
+                                   average=False, cuda_path=o.cuda_path, log=self.log)
+        resources.callback(self.buckets.close)
         if self.log and self.world.is_root:
-            sizes = ", ".join(f"{f.numel() * f.element_size() / 2**20:.1f}" for f in self.buckets.flat)
-            self.log.info(f"allreduce: {len(self.buckets.flat)} buckets ({sizes} MB), overlap {overlap}")
-
-    def loss_weight(self, global_count):
-        return 1.0 / global_count  # the SUM over ranks is then the global-batch mean
-
-    def zero_grad(self):
-        self.buckets.zero_()
+            sizes = ", ".join(f"{b.numel() * b.element_size() / 2**20:.1f}" for b in self.buckets.buffers)
+            self.log.info(f"allreduce: {len(self.buckets.buffers)} buckets ({sizes} MB), overlap {overlap}")
 
     def after_backward(self, step):
         self.buckets.finish()
@@ -44,24 +53,5 @@ class AllreduceStrategy:
     def after_step(self, step):
         pass
 
-    def before_eval(self):
-        pass
-
-    def after_eval(self):
-        pass
-
-    def metrics(self):
-        # what each rank sends in a bandwidth-optimal (ring) allreduce of all buckets
-        n = self.world.size
-        return {"comm_bytes_per_step": 2 * (n - 1) / n * self.buckets.nbytes}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, arrays):
-        pass
-
-    def close(self):
-        if self.buckets is not None:
-            self.buckets.close()
-            self.buckets = None
+    def consolidated(self):
+        return contextlib.nullcontext()  # the replicas never differ

@@ -1,8 +1,26 @@
-"""The strategy protocol and registry. train.py talks to strategies only through this."""
+"""The strategy protocol and registry: train.py talks to strategies only through this.
+
+A strategy is a class with four methods and three declared attributes:
+
+    @register("local_sgd")
+    class LocalSGD:
+        Options = LocalSGDOptions     # frozen dataclass, validated from [sync.local_sgd]
+        sums_gradients = False        # each rank steps on its own gradient
+        def __init__(self, options, world, log): ...
+        def setup(self, model, optimizer, resources): ...   # Collective
+        def after_backward(self, step): ...
+        def after_step(self, step): ...
+        def consolidated(self): ...                          # Collective context manager
+
+and optionally `state_dict`/`load_state_dict` (`Stateful`: state for checkpoints) and
+`metrics` (`Reporting`: extra per-epoch figures). The per-step order is
+forward, backward -> after_backward -> optimizer.step() -> after_step.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+from typing import Callable, ClassVar, ContextManager, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -11,100 +29,84 @@ from ..errors import UserError
 
 
 class Strategy(Protocol):
-    """How workers share parameters. The training loop calls, per step:
-    zero_grad -> forward/backward -> after_backward -> optimizer.step -> after_step."""
+    Options: ClassVar[type]
+    """Frozen dataclass of this strategy's options (fields made with options.opt)."""
+    sums_gradients: ClassVar[bool]
+    """True: the ranks' gradients are combined every step, so each rank weights its loss
+    by 1/(global batch); False: each rank steps on its own gradient (1/(local batch))."""
+    uneven_steps: ClassVar[bool]
+    """True: ranks may run different numbers of steps (allows data.assign = 'dynamic')."""
 
-    def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Collective: make the replicas consistent (e.g. broadcast rank 0's parameters)."""
-
-    def loss_weight(self, global_count: int) -> float:
-        """Factor for this rank's summed loss: 1/global_count where gradients are summed
-        over ranks, world_size/global_count where each rank steps on its own gradient."""
-
-    def zero_grad(self) -> None:
-        """Zero the gradients (strategies may keep them in their own buffers)."""
+    def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              resources: contextlib.ExitStack) -> None:
+        """Collective: make the replicas consistent (e.g. broadcast rank 0's parameters) and
+        create what the strategy needs; push its release onto `resources` (closed by the
+        caller on every rank, collectively)."""
 
     def after_backward(self, step: int) -> None:
-        """Collective: reduce / push gradients; when it returns .grad is ready to apply."""
+        """Collective: reduce / push gradients; when it returns, .grad is what to apply."""
 
     def after_step(self, step: int) -> None:
         """Collective: pull / average parameters after the local optimizer step."""
 
-    def before_eval(self) -> None:
-        """Collective: make the local model the one to evaluate (e.g. pull the latest)."""
+    def consolidated(self) -> ContextManager[None]:
+        """Collective: within the block, the local model is the one to evaluate or save
+        (e.g. synchronised, or the EASGD center); leaving it resumes training."""
 
-    def after_eval(self) -> None:
-        """Undo what before_eval changed for evaluation only (e.g. EASGD's center)."""
 
-    def metrics(self) -> dict:
-        """Per-epoch figures for metrics.jsonl, at least comm_bytes_per_step (sent by
-        this rank); called once per epoch."""
+@runtime_checkable
+class Stateful(Protocol):
+    """Optional: strategy state that checkpoints carry (read inside `consolidated`)."""
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Collective: strategy state for checkpoints (arrays only; complete on rank 0),
-        in a form that does not depend on the world size."""
+        """Collective: arrays, complete on rank 0, independent of the world size."""
 
     def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
-        """After setup: continue from a checkpoint's strategy state (any world size)."""
-
-    def close(self) -> None:
-        """Release threads and communicators."""
+        """Collective, after setup: continue from a checkpoint's state (any world size)."""
 
 
+@runtime_checkable
+class Reporting(Protocol):
+    """Optional: figures for metrics.jsonl beyond what the loop measures itself."""
+
+    def metrics(self) -> dict[str, float]:
+        """This rank's figures since the last call (called once per epoch)."""
+
+
+Roles = Callable[..., "tuple[object | None, Callable[[], None] | None]"]
 REGISTRY: dict[str, type] = {}
+ROLES: dict[str, Roles] = {}
 
 
-def register(name: str):
-    """Class decorator: make a strategy selectable as sync.strategy = name."""
+def register(name: str, *, roles: Roles | None = None):
+    """Class decorator: make a strategy selectable as sync.strategy = name. `roles(cls,
+    options, world, log)` (collective) may set ranks aside, e.g. dedicated parameter servers: it
+    returns (the training world, None) on training ranks and (None, serve) elsewhere."""
     def deco(cls):
-        REGISTRY[name] = cls
+        for attr in ("Options", "sums_gradients"):
+            if not hasattr(cls, attr):
+                raise TypeError(f"strategy {name!r} must declare {attr}")
         cls.name = name
+        cls.uneven_steps = getattr(cls, "uneven_steps", False)
+        REGISTRY[name] = cls
+        if roles is not None:
+            ROLES[name] = roles
         return cls
     return deco
 
 
-def create(cfg, world, log=None) -> Strategy:
+def create(spec, world, log=None) -> Strategy:
+    """The strategy named by spec.strategy (a validated SyncCfg), built with its options."""
     try:
-        cls = REGISTRY[cfg.sync.strategy]
+        cls = REGISTRY[spec.strategy]
     except KeyError:
-        raise UserError(f"sync.strategy: unknown strategy {cfg.sync.strategy!r} "
+        raise UserError(f"sync.strategy: unknown strategy {spec.strategy!r} "
                         f"(known: {', '.join(sorted(REGISTRY))})") from None
-    return cls(cfg, world, log)
+    return cls(spec.options, world, log)
 
 
-def roles(cfg, world, log=None):
-    """Collective: (training world, None), or on a dedicated server rank (None, serve).
-
-    With sync.servers = k > 0 the last k ranks only host the parameter store; the others
-    train in a sub-world whose parent is the whole job."""
-    k = cfg.sync.servers
-    if k == 0:
-        return world, None
-    cls = world.agree(_server_class, cfg, world)
-    is_server = world.rank >= world.size - k
-    sub = world.split(1 if is_server else 0)
-    if not is_server:
-        return sub, None
-    return None, lambda: cls.serve(cfg, world, sub, log)
-
-
-def _server_class(cfg, world):
-    k, cls = cfg.sync.servers, REGISTRY.get(cfg.sync.strategy)
-    if cls is None or not hasattr(cls, "serve"):
-        raise UserError(f"sync.servers = {k} needs a parameter-server strategy "
-                        f"(ps_sync, ssp, async), not {cfg.sync.strategy!r}")
-    if k >= world.size:
-        raise UserError(f"sync.servers = {k} leaves no worker among {world.size} ranks")
-    return cls
-
-
-def broadcast_model(model: torch.nn.Module, world) -> None:
-    """Collective: every rank gets rank 0's parameters and buffers."""
-    from ..comm import buffers
-
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            flat = t.data.contiguous()
-            buffers.bcast_(world.comm, flat)
-            if flat.data_ptr() != t.data.data_ptr():
-                t.data.copy_(flat)
+def roles(spec, world, log=None):
+    """Collective: (training world, None) on ranks that train, (None, serve) on ranks the
+    strategy keeps for itself."""
+    fn = ROLES.get(spec.strategy)
+    return fn(REGISTRY[spec.strategy], spec.options, world, log) if fn else (world, None)

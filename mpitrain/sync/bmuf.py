@@ -2,40 +2,77 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
+from ..options import opt
 from .base import register
-from .periodic import PeriodicStrategy
+from .helpers import Every, FlatParams, load_arrays, to_arrays
+
+
+@dataclass(frozen=True)
+class Options:
+    period: int = opt(4, gt=0, help="local steps per block (τ)")
+    momentum: float = opt(-1.0, min=-1.0, help="block momentum η (-1 = 1 - 1/N)")
+    lr: float = opt(1.0, gt=0.0, help="block learning rate ζ")
+    nesterov: bool = opt(True, help="restart from W_g + ηΔ (Nesterov) or W_g")
 
 
 @register("bmuf")
-class BMUF(PeriodicStrategy):
-    """Every block of sync.period = τ local steps:
+class BMUF:
+    """Every block of `period` = τ local steps:
         G = mean_i(W_i) - W_start;  Δ = η Δ + ζ G;  W_g += Δ
-    and the workers restart from W_start = W_g + η Δ (Nesterov, default) or W_g
-    (sync.bmuf_nesterov = false). η = sync.bmuf_momentum (default 1 - 1/N), ζ =
-    sync.bmuf_lr (default 1). G is the block's progress from where the workers started, so
-    the Nesterov form is exactly Nesterov momentum over blocks (measuring G from W_g instead
-    counts the look-ahead twice and diverged at η = 0.75, ζ = 1 on digits). η = 0, ζ = 1 is
-    model averaging. W_g and Δ are replicated on every rank; local optimizer state stays
-    local."""
+    and the workers restart from W_start = W_g + η Δ (Nesterov, default) or W_g. G is the
+    block's progress from where the workers started, so the Nesterov form is exactly
+    Nesterov momentum over blocks (measuring G from W_g instead counts the look-ahead twice
+    and diverged at η = 0.75, ζ = 1 on digits). η = 0, ζ = 1 is model averaging. W_g and Δ
+    are replicated on every rank; local optimizer state stays local."""
 
-    def init_state(self):
-        s, n = self.cfg.sync, self.world.size
-        self.eta = s.bmuf_momentum if s.bmuf_momentum >= 0 else 1.0 - 1.0 / n
-        self.zeta = s.bmuf_lr
-        self.global_w = self.flat.flat.clone()
-        self.start = self.flat.flat.clone()  # where the workers began this block
-        self.delta = self.flat.flat.new_zeros(self.flat.flat.shape)
+    Options = Options
+    sums_gradients = False
+
+    def __init__(self, options: Options, world, log=None):
+        self.options, self.world, self.log = options, world, log
+        o = options
+        self.eta = o.momentum if o.momentum >= 0 else 1.0 - 1.0 / world.size
+        self.zeta = o.lr
+
+    def setup(self, model, optimizer, resources):
+        self.world.broadcast_module(model)
+        self.flat = FlatParams(model)
+        self.block = Every(self.options.period)
+        self.global_w = self.flat.data.clone()
+        self.start = self.flat.data.clone()  # where the workers began this block
+        self.delta = self.flat.data.new_zeros(self.flat.data.shape)
         if self.log and self.world.is_root:
-            self.log.info(f"bmuf: block {self.period} steps, block momentum {self.eta:.3f}, block lr {self.zeta}, "
-                          f"{'Nesterov' if s.bmuf_nesterov else 'plain'}")
+            self.log.info(f"bmuf: block {self.options.period} steps, block momentum {self.eta:.3f}, block lr "
+                          f"{self.zeta}, {'Nesterov' if self.options.nesterov else 'plain'}")
 
-    def sync_block(self):
-        mean = self.allreduce_(self.flat.flat.clone())
+    def after_backward(self, step):
+        pass
+
+    def after_step(self, step):
+        if self.block.tick():
+            self._end_block()
+
+    @contextlib.contextmanager
+    def consolidated(self):
+        if self.block.flush():
+            self._end_block()
+        yield
+
+    def _end_block(self):
+        """Collective: one allreduce of the parameters, then the filtered update."""
+        mean = self.world.average_(self.flat.data.clone())
         self.delta.mul_(self.eta).add_(mean - self.start, alpha=self.zeta)
         self.global_w.add_(self.delta)
         self.start.copy_(self.global_w)
-        if self.cfg.sync.bmuf_nesterov:
+        if self.options.nesterov:
             self.start.add_(self.delta, alpha=self.eta)
-        self.flat.flat.copy_(self.start)
+        self.flat.data.copy_(self.start)
 
-    STATE = ("global_w", "delta", "start")
+    def state_dict(self):
+        return to_arrays(global_w=self.global_w, delta=self.delta, start=self.start)
+
+    def load_state_dict(self, arrays):
+        load_arrays(arrays, global_w=self.global_w, delta=self.delta, start=self.start)

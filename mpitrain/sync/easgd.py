@@ -2,93 +2,131 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 
-from ..kvstore import KVStore
+from ..options import opt
+from . import kvstore
 from .base import register
-from .periodic import PeriodicStrategy
+from .helpers import Every, FlatParams, load_arrays, to_arrays
 
 
-class _Elastic(PeriodicStrategy):
-    """Workers are pulled towards a center variable x̃ every sync.period = τ steps, with
-    moving rate α = sync.easgd_alpha (default β/p) and center rate β/p, β = sync.easgd_beta.
-    Evaluation uses the center. Local optimizer state stays local."""
+@dataclass(frozen=True)
+class Options:
+    period: int = opt(4, gt=0, help="local steps between elastic updates (τ)")
+    beta: float = opt(0.9, gt=0.0, help="center moving rate x p (β)")
+    alpha: float = opt(0.0, min=0.0, help="worker moving rate (0 = β/p)")
 
-    def init_state(self):
-        s, p = self.cfg.sync, self.world.size
-        self.beta = s.easgd_beta
-        self.alpha = s.easgd_alpha or self.beta / p
-        self.saved = None
 
-    def before_eval(self):
-        super().before_eval()  # end the block
-        self.settle()
-        self.saved = self.flat.flat.clone()
-        self.flat.flat.copy_(self.center())
+@dataclass(frozen=True)
+class AsyncOptions(Options):
+    timeout_s: float = opt(0.0, min=0.0, help="give up waiting for the store after this long (0 = never)")
 
-    def settle(self):
-        """Collective: every worker's last contribution is in the center."""
 
-    def after_eval(self):
-        self.flat.flat.copy_(self.saved)
-        self.saved = None
+@contextlib.contextmanager
+def _center_swapped_in(flat: FlatParams, center: torch.Tensor):
+    """Within the block the model holds the center (evaluation and checkpoints use it)."""
+    saved = flat.data.clone()
+    flat.data.copy_(center)
+    yield
+    flat.data.copy_(saved)
 
 
 @register("easgd")
-class EASGD(_Elastic):
-    """Synchronous form, one allreduce of (x_i − x̃) per block:
+class EASGD:
+    """Synchronous form, one allreduce of (x_i − x̃) every `period` = τ steps:
         x̃ += (β/p) Σ_i (x_i − x̃);   x_i −= α (x_i − x̃)
     The workers move towards the *updated* center (Gauss–Seidel order), so α = β = 1 is
     exactly model averaging; for small α it differs from the paper's simultaneous form only
-    at second order. x̃ is replicated on every rank."""
+    at second order. x̃ is replicated on every rank; local optimizer state stays local."""
 
-    def init_state(self):
-        super().init_state()
-        self.x_center = self.flat.flat.clone()
+    Options = Options
+    sums_gradients = False
 
-    def center(self):
-        return self.x_center
+    def __init__(self, options: Options, world, log=None):
+        self.options, self.world, self.log = options, world, log
+        self.beta = options.beta
+        self.alpha = options.alpha or options.beta / world.size
 
-    def sync_block(self):
-        diff = self.allreduce_(self.flat.flat - self.x_center, mean=False)
+    def setup(self, model, optimizer, resources):
+        self.world.broadcast_module(model)
+        self.flat = FlatParams(model)
+        self.block = Every(self.options.period)
+        self.x_center = self.flat.data.clone()
+
+    def after_backward(self, step):
+        pass
+
+    def after_step(self, step):
+        if self.block.tick():
+            self._elastic_update()
+
+    @contextlib.contextmanager
+    def consolidated(self):
+        if self.block.flush():
+            self._elastic_update()
+        with _center_swapped_in(self.flat, self.x_center):
+            yield
+
+    def _elastic_update(self):
+        diff = self.world.allreduce_(self.flat.data - self.x_center)
         self.x_center.add_(diff, alpha=self.beta / self.world.size)
-        self.flat.flat.sub_(self.flat.flat - self.x_center, alpha=self.alpha)
+        self.flat.data.sub_(self.flat.data - self.x_center, alpha=self.alpha)
 
-    STATE = ("x_center",)
+    def state_dict(self):
+        return to_arrays(x_center=self.x_center)
+
+    def load_state_dict(self, arrays):
+        load_arrays(arrays, x_center=self.x_center)
 
 
 @register("easgd_async")
-class AsyncEASGD(_Elastic):
+class AsyncEASGD:
     """Asynchronous form on the one-sided store: every τ steps a worker reads the latest
     x̃, moves x_i −= α (x_i − x̃) and adds α (x_i − x̃) to x̃ atomically, without waiting."""
 
-    def init_state(self):
-        super().init_state()
-        self.kv = KVStore(self.world, "async", timeout=self.cfg.sync.timeout_s or None)
-        self.kv.init("center", self.flat.flat)
-        self.read = torch.empty_like(self.flat.flat)
+    Options = AsyncOptions
+    sums_gradients = False
 
-    def center(self):
-        return self.kv.pull("center", out=self.read)
+    def __init__(self, options: AsyncOptions, world, log=None):
+        self.options, self.world, self.log = options, world, log
+        self.alpha = options.alpha or options.beta / world.size
 
-    def sync_block(self):
-        diff = (self.flat.flat - self.center()).mul_(self.alpha)
-        self.flat.flat.sub_(diff)
+    def setup(self, model, optimizer, resources):
+        self.world.broadcast_module(model)
+        self.flat = FlatParams(model)
+        self.block = Every(self.options.period)
+        self.kv = kvstore.create(self.world, "dist_async", timeout=self.options.timeout_s or None)
+        resources.callback(self.kv.close)
+        self.kv.init("center", self.flat.data)
+        self.read = torch.empty_like(self.flat.data)
+
+    def after_backward(self, step):
+        pass
+
+    def after_step(self, step):
+        if self.block.tick():
+            self._elastic_update()
+
+    @contextlib.contextmanager
+    def consolidated(self):
+        if self.block.flush():
+            self._elastic_update()
+        self.kv.barrier()  # every worker's last contribution is in the center
+        with _center_swapped_in(self.flat, self.kv.pull("center", self.read)):
+            yield
+
+    def _elastic_update(self):
+        diff = (self.flat.data - self.kv.pull("center", self.read)).mul_(self.alpha)
+        self.flat.data.sub_(diff)
         self.kv.add("center", diff)
-        self.bytes += 2 * diff.numel() * diff.element_size()
-
-    def settle(self):
-        self.kv.barrier()
 
     def state_dict(self):
-        self.kv.barrier()
-        return {"x_center": self.center().cpu().numpy().copy()}
+        state = self.kv.state_dict()  # complete on rank 0 only
+        return {"x_center": state["center.value"]} if state else {}
 
     def load_state_dict(self, arrays):
-        self.kv.barrier()
-        if self.world.is_root and "x_center" in arrays:
-            self.kv.keys["center"].put_all(arrays["x_center"])
-        self.kv.barrier()
-
-    def close(self):
-        self.kv.close()
+        if "x_center" in arrays:
+            self.kv.load_state_dict({"center.value": arrays["x_center"]})

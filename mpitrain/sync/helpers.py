@@ -1,0 +1,82 @@
+"""Small pieces the strategies share: a flat parameter buffer, a period counter, and
+replicated tensors as checkpoint arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+class FlatParams:
+    """A model's trainable parameters and their gradients as views of two flat buffers
+    (`data`, `grad`), so one collective or store access covers the whole model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if len({p.dtype for p in self.params}) > 1 or len({p.device for p in self.params}) > 1:
+            raise UserError("this strategy needs all parameters of one dtype on one device")
+        n = sum(p.numel() for p in self.params)
+        like = self.params[0]
+        self.data = torch.empty(n, dtype=like.dtype, device=like.device)
+        self.grad = torch.zeros(n, dtype=like.dtype, device=like.device)
+        self._views = []
+        off = 0
+        with torch.no_grad():
+            for p in self.params:
+                k = p.numel()
+                self.data[off:off + k].copy_(p.reshape(-1))
+                p.data = self.data[off:off + k].view_as(p)
+                self._views.append(self.grad[off:off + k].view_as(p))
+                off += k
+        self.attach_grads()
+
+    def attach_grads(self) -> None:
+        """Every .grad is its view of `grad` again."""
+        for p, v in zip(self.params, self._views):
+            p.grad = v
+
+    def gather_grads(self) -> torch.Tensor:
+        """`grad` holding this step's gradients, also if someone replaced .grad (e.g.
+        zero_grad(set_to_none=True)): such a gradient is copied in and the view restored."""
+        for p, v in zip(self.params, self._views):
+            if p.grad is None:
+                v.zero_()
+            elif p.grad is not v:
+                v.copy_(p.grad)
+            p.grad = v
+        return self.grad
+
+    def detach_grads(self) -> None:
+        """No .grad at all: the local optimizer step becomes a no-op."""
+        for p in self.params:
+            p.grad = None
+
+
+class Every:
+    """A period counter: `tick()` is True on every `period`-th step; `flush()` is True if
+    steps were counted since the last True (and restarts the count)."""
+
+    def __init__(self, period: int):
+        self.period, self.count = period, 0
+
+    def tick(self) -> bool:
+        self.count += 1
+        return self.flush() if self.count >= self.period else False
+
+    def flush(self) -> bool:
+        due, self.count = self.count > 0, 0
+        return due
+
+
+def to_arrays(**tensors: torch.Tensor) -> dict[str, np.ndarray]:
+    """Replicated tensors (identical on every rank) as checkpoint arrays."""
+    return {k: t.detach().cpu().numpy().copy() for k, t in tensors.items()}
+
+
+def load_arrays(arrays: dict[str, np.ndarray], **tensors: torch.Tensor) -> None:
+    """Copy checkpoint arrays into replicated tensors of the same names (missing: kept)."""
+    for k, t in tensors.items():
+        if k in arrays:
+            t.copy_(torch.from_numpy(np.asarray(arrays[k])).view_as(t))
