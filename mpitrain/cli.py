@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import __version__
+from .comm.world import LAUNCH
 from .errors import EXIT_USAGE, AgreedError, UserError
 from .faults import EXIT_STOPPED, Stopped
 
@@ -14,7 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mpitrain",
         description="Data-parallel PyTorch training over MPI. Launch every rank with: "
-                    "mpiexec -n N python -m mpi4py -m mpitrain train JOB.toml",
+                    f"{LAUNCH} train JOB.toml",
         epilog=f"Exit codes: 0 ok, {EXIT_USAGE} bad input (one line on stderr), {EXIT_STOPPED} stopped by "
                "SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (rerun to resume), 1 internal error.")
     p.add_argument("--version", action="version", version=f"mpitrain {__version__}")

@@ -68,7 +68,7 @@ def collective_cleanup():
     threads that take part in collectives). It is closed when the block ends normally or
     with an error every rank raised at the same point (AgreedError, Stopped); on any other
     exception only this rank is unwinding, so nothing collective runs: the exception goes
-    on to MPI_Abort (python -m mpi4py), which ends every rank."""
+    on to MPI_Abort (the launch wrapper, comm.world.LAUNCH), which ends every rank."""
     stack = contextlib.ExitStack()
     try:
         yield stack

@@ -209,10 +209,19 @@ class World:
         if errs:
             raise AgreedError(errs[0])
 
+    def dup(self) -> "World":
+        """Collective: the same ranks on a private communicator (for a library's own traffic)."""
+        w = World.create(self.comm)
+        w.parent = self.parent
+        return w
+
     def free(self) -> None:
-        """Collective: release the communicator (a World made by split)."""
+        """Collective: release the communicator (a World made by split or dup)."""
         if self.comm != MPI.COMM_NULL:
             self.comm.Free()
+
+
+LAUNCH = "mpiexec -n N python -m mpi4py -m mpitrain"  # -m mpi4py: an exception on one rank aborts the job
 
 
 def library_version() -> str:

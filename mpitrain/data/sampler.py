@@ -85,7 +85,7 @@ class DistributedSampler:
 
 class DynamicSampler:
     """Collective to create and to `close`: global batches of `batch_size` claimed first
-    come, first served through one shared counter (mpi4py's Counter, an RMA window on rank
+    come, first served through one shared counter (World.counter, an RMA window on rank
     0), numbered across epochs. A rank that claims a batch of the next epoch ends its epoch
     and starts the next one with that batch. Ranks run different numbers of steps."""
 

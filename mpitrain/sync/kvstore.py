@@ -110,7 +110,7 @@ class KVStore:
     def __init__(self, world, type, staleness, dc_lambda, servers, workers, timeout, progress):
         self.world, self.type, self.staleness, self.dc_lambda = world, type, staleness, dc_lambda
         self.mode = TYPES[type]
-        self.comm = world.comm.Dup()
+        self.own = world.dup()  # the store's private communicator
         self.owners = list(range(world.size - servers, world.size)) if servers else list(range(world.size))
         self.num_workers = world.size - servers
         self.workers = workers if workers is not None else (world if not servers else None)
@@ -148,12 +148,12 @@ class KVStore:
         if key in self.keys:
             raise UserError(f"KVStore key {key!r} already initialised")
         flat = value.detach().reshape(-1).to(torch.float32).cpu().numpy()
-        n, opt = self.comm.bcast((flat.size, self.optimizer.name), root=0)
+        n, opt = self.own.bcast((flat.size, self.optimizer.name))
         slots = self.staleness + 1 if self.mode == "sync" else 0
-        vec = ShardedVector(self.comm, n, self.owners, state_slots=STATE_SLOTS[opt], slots=slots)
-        if self.comm.Get_rank() == 0:
+        vec = ShardedVector(self.own.comm, n, self.owners, state_slots=STATE_SLOTS[opt], slots=slots)
+        if self.own.is_root:
             vec.put_all(flat)
-        self.comm.Barrier()
+        self.own.barrier()
         self.keys[key], self.clock[key], self.pending[key] = vec, 0, deque()
 
     def push(self, key: str, grad: torch.Tensor, read_at: torch.Tensor | None = None) -> None:
@@ -272,14 +272,14 @@ class KVStore:
         """Collective over the whole job: free the windows and stop the progress thread."""
         if self._closed:
             return
-        self.comm.Barrier()
+        self.own.barrier()
         for vec in self.keys.values():
             vec.free()
         self.keys.clear()
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        self.comm.Free()
+        self.own.free()
         self._closed = True
 
     # -- internals ------------------------------------------------------------------------
@@ -308,7 +308,7 @@ class KVStore:
     def _order(self, vec):
         """Shards starting with a rank-dependent one, so workers do not queue on one owner."""
         s = vec.shards()
-        k = self.comm.Get_rank() % len(s)
+        k = self.own.rank % len(s)
         return s[k:] + s[:k]
 
     @staticmethod
