@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 from ..options import opt
 from .base import register
-from .helpers import Every, FlatParams, load_arrays, to_arrays
+from .helpers import Every, FlatParams, LocalSteps, load_arrays, to_arrays
 
 
 @dataclass(frozen=True)
@@ -19,7 +18,7 @@ class Options:
 
 
 @register("bmuf")
-class BMUF:
+class BMUF(LocalSteps):
     """Every block of `period` = τ local steps:
         G = mean_i(W_i) - W_start;  Δ = η Δ + ζ G;  W_g += Δ
     and the workers restart from W_start = W_g + η Δ (Nesterov, default) or W_g. G is the
@@ -29,7 +28,6 @@ class BMUF:
     are replicated on every rank; local optimizer state stays local."""
 
     Options = Options
-    sums_gradients = False
 
     def __init__(self, options: Options, world, log=None):
         self.options, self.world, self.log = options, world, log
@@ -40,26 +38,13 @@ class BMUF:
     def setup(self, model, optimizer, resources):
         self.world.broadcast_module(model)
         self.flat = FlatParams(model)
-        self.block = Every(self.options.period)
+        self.block = Every(self.options.period, self._end_block)
         self.global_w = self.flat.data.clone()
         self.start = self.flat.data.clone()  # where the workers began this block
         self.delta = self.flat.data.new_zeros(self.flat.data.shape)
         if self.log and self.world.is_root:
             self.log.info(f"bmuf: block {self.options.period} steps, block momentum {self.eta:.3f}, block lr "
                           f"{self.zeta}, {'Nesterov' if self.options.nesterov else 'plain'}")
-
-    def after_backward(self, step):
-        pass
-
-    def after_step(self, step):
-        if self.block.tick():
-            self._end_block()
-
-    @contextlib.contextmanager
-    def consolidated(self):
-        if self.block.flush():
-            self._end_block()
-        yield
 
     def _end_block(self):
         """Collective: one allreduce of the parameters, then the filtered update."""

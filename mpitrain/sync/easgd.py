@@ -10,7 +10,7 @@ import torch
 from ..options import opt
 from . import kvstore
 from .base import register
-from .helpers import Every, FlatParams, load_arrays, to_arrays
+from .helpers import Every, FlatParams, LocalSteps, load_arrays, to_arrays
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def _center_swapped_in(flat: FlatParams, center: torch.Tensor):
 
 
 @register("easgd")
-class EASGD:
+class EASGD(LocalSteps):
     """Synchronous form, one allreduce of (x_i − x̃) every `period` = τ steps:
         x̃ += (β/p) Σ_i (x_i − x̃);   x_i −= α (x_i − x̃)
     The workers move towards the *updated* center (Gauss–Seidel order), so α = β = 1 is
@@ -43,7 +43,6 @@ class EASGD:
     at second order. x̃ is replicated on every rank; local optimizer state stays local."""
 
     Options = Options
-    sums_gradients = False
 
     def __init__(self, options: Options, world, log=None):
         self.options, self.world, self.log = options, world, log
@@ -53,20 +52,12 @@ class EASGD:
     def setup(self, model, optimizer, resources):
         self.world.broadcast_module(model)
         self.flat = FlatParams(model)
-        self.block = Every(self.options.period)
+        self.block = Every(self.options.period, self._elastic_update)
         self.x_center = self.flat.data.clone()
-
-    def after_backward(self, step):
-        pass
-
-    def after_step(self, step):
-        if self.block.tick():
-            self._elastic_update()
 
     @contextlib.contextmanager
     def consolidated(self):
-        if self.block.flush():
-            self._elastic_update()
+        self.block.flush()
         with _center_swapped_in(self.flat, self.x_center):
             yield
 
@@ -83,12 +74,11 @@ class EASGD:
 
 
 @register("easgd_async")
-class AsyncEASGD:
+class AsyncEASGD(LocalSteps):
     """Asynchronous form on the one-sided store: every τ steps a worker reads the latest
     x̃, moves x_i −= α (x_i − x̃) and adds α (x_i − x̃) to x̃ atomically, without waiting."""
 
     Options = AsyncOptions
-    sums_gradients = False
 
     def __init__(self, options: AsyncOptions, world, log=None):
         self.options, self.world, self.log = options, world, log
@@ -97,23 +87,15 @@ class AsyncEASGD:
     def setup(self, model, optimizer, resources):
         self.world.broadcast_module(model)
         self.flat = FlatParams(model)
-        self.block = Every(self.options.period)
+        self.block = Every(self.options.period, self._elastic_update)
         self.kv = kvstore.create(self.world, "dist_async", timeout=self.options.timeout_s or None)
         resources.callback(self.kv.close)
         self.kv.init("center", self.flat.data)
         self.read = torch.empty_like(self.flat.data)
 
-    def after_backward(self, step):
-        pass
-
-    def after_step(self, step):
-        if self.block.tick():
-            self._elastic_update()
-
     @contextlib.contextmanager
     def consolidated(self):
-        if self.block.flush():
-            self._elastic_update()
+        self.block.flush()
         self.kv.barrier()  # every worker's last contribution is in the center
         with _center_swapped_in(self.flat, self.kv.pull("center", self.read)):
             yield

@@ -3,6 +3,8 @@ replicated tensors as checkpoint arrays."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -55,19 +57,39 @@ class FlatParams:
 
 
 class Every:
-    """A period counter: `tick()` is True on every `period`-th step; `flush()` is True if
-    steps were counted since the last True (and restarts the count)."""
+    """Runs `action` every `period` steps (`tick()` once per step), and on `flush()` if
+    steps were counted since it last ran (to consolidate before evaluation or a save)."""
 
-    def __init__(self, period: int):
-        self.period, self.count = period, 0
+    def __init__(self, period: int, action):
+        self.period, self.action, self.count = period, action, 0
 
-    def tick(self) -> bool:
+    def tick(self) -> None:
         self.count += 1
-        return self.flush() if self.count >= self.period else False
+        if self.count >= self.period:
+            self.flush()
 
-    def flush(self) -> bool:
-        due, self.count = self.count > 0, 0
-        return due
+    def flush(self) -> None:
+        if self.count:
+            self.count = 0
+            self.action()
+
+
+class LocalSteps:
+    """The step hooks of a strategy that steps each rank on its own gradient and runs
+    `self.block` (an `Every`, made in setup) every few steps and at each consolidation."""
+
+    sums_gradients = False
+
+    def after_backward(self, step):
+        pass
+
+    def after_step(self, step):
+        self.block.tick()
+
+    @contextlib.contextmanager
+    def consolidated(self):
+        self.block.flush()
+        yield
 
 
 def to_arrays(**tensors: torch.Tensor) -> dict[str, np.ndarray]:

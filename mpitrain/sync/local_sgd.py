@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 from ..options import opt
 from .base import register
-from .helpers import Every, FlatParams
+from .helpers import Every, FlatParams, LocalSteps
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,7 @@ class PostLocalOptions(Options):
 
 
 @register("local_sgd")
-class LocalSGD:
+class LocalSGD(LocalSteps):
     """Every `period` = H steps the parameters are replaced by their mean over ranks, and
     at every consolidation (evaluation, checkpoint). Each rank steps on its own gradient;
     optimizer state (momentum, Adam moments) stays local and is never averaged. For SGD
@@ -29,7 +28,6 @@ class LocalSGD:
     of the local buffers is the buffer of the mean gradient."""
 
     Options = Options
-    sums_gradients = False
 
     def __init__(self, options: Options, world, log=None):
         self.options, self.world, self.log = options, world, log
@@ -37,20 +35,7 @@ class LocalSGD:
     def setup(self, model, optimizer, resources):
         self.world.broadcast_module(model)
         self.flat = FlatParams(model)
-        self.block = Every(self.options.period)
-
-    def after_backward(self, step):
-        pass
-
-    def after_step(self, step):
-        if self.block.tick():
-            self.world.average_(self.flat.data)
-
-    @contextlib.contextmanager
-    def consolidated(self):
-        if self.block.flush():
-            self.world.average_(self.flat.data)
-        yield
+        self.block = Every(self.options.period, lambda: self.world.average_(self.flat.data))
 
 
 @register("post_local_sgd")
