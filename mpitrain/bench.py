@@ -110,9 +110,8 @@ def step(args, world, log) -> None:
         opt.step()
     variants.append(_Variant("naive flat allreduce", m, naive))
 
-    ddp_pg = None
     if not args.no_ddp:
-        ddp_pg = init_gloo(world)
+        init_gloo(world)
         m, _ = fresh()
         ddp = torch.nn.parallel.DistributedDataParallel(m, bucket_cap_mb=args.bucket_mb)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
@@ -141,7 +140,7 @@ def step(args, world, log) -> None:
             for v in variants[2:]}
     for v in variants:
         v.close()
-    if ddp_pg is not None:
+    if not args.no_ddp:
         torch.distributed.destroy_process_group()
     if world.is_root:
         bound = ms["compute only (no comm)"]
@@ -156,9 +155,9 @@ def step(args, world, log) -> None:
               + ", ".join(f"{k}: {d:.1e}" for k, d in diff.items()))
 
 
-def init_gloo(world) -> bool:
+def init_gloo(world) -> None:
     """Collective: a torch.distributed gloo process group over the same ranks (for the DDP
-    baseline); True once it exists."""
+    baseline); the caller destroys it."""
     import torch.distributed as dist
 
     if world.is_root:
@@ -173,7 +172,6 @@ def init_gloo(world) -> bool:
     addr, port = world.bcast((addr, port))
     dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=world.rank,
                             world_size=world.size)
-    return True
 
 
 def allreduce(args, world, log) -> None:

@@ -25,7 +25,6 @@ Adam moments and step), which lives in that owner's window:
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from dataclasses import dataclass
 
