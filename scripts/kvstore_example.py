@@ -7,13 +7,15 @@ SGD on its shards of w, and all ranks read the same w after every round.
 import torch
 
 import mpitrain
+from mpitrain import kvstore
 
 world = mpitrain.World.create()
 torch.manual_seed(world.rank)
 X = torch.randn(256, 20)
 y = X @ torch.arange(20.0)  # every rank's data agrees on the true w = 0, 1, ..., 19
 
-kv = mpitrain.KVStore(world, mode="sync", optimizer="sgd", lr=0.05, momentum=0.9)
+kv = kvstore.create(world, "dist_sync")
+kv.set_optimizer(kvstore.StoreOptimizer("sgd", lr=0.05, momentum=0.9))
 w = torch.zeros(20)
 kv.init("w", w)
 for step in range(300):

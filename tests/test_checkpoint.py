@@ -1,16 +1,12 @@
 """Checkpoints: bit-identical resume, corrupted files skipped, wrong model refused, resharding."""
 
 import h5py
-import numpy as np
 import pytest
 import torch
 
 from mpitrain import checkpoint, state
-from mpitrain.data.sampler import DistributedSampler
 from mpitrain.errors import AgreedError
 from mpitrain.train import train
-
-from conftest import make_cfg
 
 pytestmark = pytest.mark.mpi
 
@@ -19,42 +15,45 @@ def params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def cfg_for(run_dir, digits_h5, **train_kw):
-    return make_cfg(run_dir, digits_h5, model={"name": "mlp", "hidden": [24], "dropout": 0.1},
-                    optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "warmup_epochs": 0.5},
-                    data={"mode": "replicated"},
-                    train={"batch_size": 8, "epochs": 2, "resume": "auto", **train_kw},
-                    output={"checkpoint_every": 0})
+@pytest.fixture
+def cfg_for(make_cfg, digits_h5):
+    """cfg_for(run_dir, data, **train_kw): a small MLP job with dropout, momentum and warm-up."""
+    def make(run_dir, data, **train_kw):
+        return make_cfg(run_dir, digits_h5, model={"name": "mlp", "hidden": [24], "dropout": 0.1},
+                        optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "warmup_epochs": 0.5},
+                        data=data, train={"batch_size": 8, "epochs": 2, "resume": "auto", **train_kw},
+                        output={"checkpoint_every": 0})
+    return make
 
 
 @pytest.mark.parametrize("data", [{"mode": "replicated"}, {"mode": "partitioned"}])
-def test_interrupted_and_resumed_run_is_bit_identical(world, shared_tmp, digits_h5, data):
+def test_interrupted_and_resumed_run_is_bit_identical(world, shared_tmp, cfg_for, data):
     """Model, momentum, LR schedule, sampler position and dropout RNG all come back."""
-    full = cfg_for(shared_tmp / "full", digits_h5, max_steps=70)
+    full = cfg_for(shared_tmp / "full", data, max_steps=70)
     _, ref = train(full, world, world.logger())
-    part = cfg_for(shared_tmp / "part", digits_h5, max_steps=23)  # stops mid-epoch
+    part = cfg_for(shared_tmp / "part", data, max_steps=23)  # stops mid-epoch
     _, first = train(part, world, world.logger())
     assert checkpoint.list_checkpoints(shared_tmp / "part")[0].name == "ckpt-000000023.h5"
-    resumed = cfg_for(shared_tmp / "part", digits_h5, max_steps=70)
+    resumed = cfg_for(shared_tmp / "part", data, max_steps=70)
     row, got = train(resumed, world, world.logger())
     assert row["step"] == 70
     assert torch.equal(params(got), params(ref))
 
 
-def test_corrupted_newest_checkpoint_is_skipped(world, shared_tmp, digits_h5):
+def test_corrupted_newest_checkpoint_is_skipped(world, shared_tmp, digits_h5, make_cfg):
     cfg = make_cfg(shared_tmp / "r", digits_h5, model={"name": "mlp", "hidden": [24]},
                    train={"batch_size": 8, "epochs": 2, "max_steps": 12}, output={"checkpoint_every": 4, "keep": 5})
     train(cfg, world, world.logger())
     ckpts = checkpoint.list_checkpoints(shared_tmp / "r")
     assert [p.name for p in ckpts][:2] == ["ckpt-000000012.h5", "ckpt-000000008.h5"]
-    world.comm.Barrier()
+    world.barrier()
     if world.is_root:
         with h5py.File(ckpts[0], "r+") as f:  # flip values, keep the stored checksum
             d = f["model/1.weight"]
             d[0, 0] = d[0, 0] + 1.0
         with pytest.raises(Exception, match="checksum mismatch in /model/1.weight"):
             checkpoint.read(ckpts[0])
-    world.comm.Barrier()
+    world.barrier()
     job_cfg = make_cfg(shared_tmp / "r", digits_h5, model={"name": "mlp", "hidden": [24]},
                        train={"batch_size": 8, "epochs": 2, "max_steps": 14, "resume": "auto"},
                        output={"checkpoint_every": 0})
@@ -62,7 +61,7 @@ def test_corrupted_newest_checkpoint_is_skipped(world, shared_tmp, digits_h5):
     assert row["step"] == 14  # resumed from step 8 (the valid one), then trained 6 steps
 
 
-def test_checkpoint_from_another_model_is_refused(world, shared_tmp, digits_h5):
+def test_checkpoint_from_another_model_is_refused(world, shared_tmp, digits_h5, make_cfg):
     cfg = make_cfg(shared_tmp / "m", digits_h5, model={"name": "mlp", "hidden": [24]},
                    train={"batch_size": 8, "max_steps": 3})
     train(cfg, world, world.logger())
@@ -72,7 +71,7 @@ def test_checkpoint_from_another_model_is_refused(world, shared_tmp, digits_h5):
         train(other, world, world.logger())
 
 
-def test_consistency_check_names_the_differing_rank(world, shared_tmp, digits_h5):
+def test_consistency_check_names_the_differing_rank(world, shared_tmp, digits_h5, make_cfg):
     if world.size == 1:
         return  # nothing to differ from
     lr = 0.1 if world.rank != world.size - 1 else 0.2
@@ -81,10 +80,12 @@ def test_consistency_check_names_the_differing_rank(world, shared_tmp, digits_h5
         train(cfg, world, world.logger())
 
 
-@pytest.mark.parametrize("strategy", ["ps_sync", "bmuf", "easgd_async"])
-def test_strategy_state_round_trips(world, shared_tmp, digits_h5, strategy):
+@pytest.mark.parametrize("strategy, options", [("ps_sync", {}), ("bmuf", {"period": 3}),
+                                               ("easgd_async", {"period": 3})])
+def test_strategy_state_round_trips(world, shared_tmp, digits_h5, make_cfg, strategy, options):
+    sync = {"strategy": strategy, strategy: options}
     cfg = make_cfg(shared_tmp / strategy, digits_h5, model={"name": "mlp", "hidden": [16]},
-                   optim={"name": "sgd", "lr": 0.05, "momentum": 0.9}, sync={"strategy": strategy, "period": 3},
+                   optim={"name": "sgd", "lr": 0.05, "momentum": 0.9}, sync=sync,
                    train={"batch_size": 8, "max_steps": 10})
     train(cfg, world, world.logger())
     snap = checkpoint.read(checkpoint.list_checkpoints(shared_tmp / strategy)[0])
@@ -93,31 +94,13 @@ def test_strategy_state_round_trips(world, shared_tmp, digits_h5, strategy):
     for k, v in snap.strategy_state.items():
         assert v.size in (1, n) or v.shape[-1] == n, (k, v.shape)
     more = make_cfg(shared_tmp / strategy, digits_h5, model={"name": "mlp", "hidden": [16]},
-                    optim={"name": "sgd", "lr": 0.05, "momentum": 0.9}, sync={"strategy": strategy, "period": 3},
+                    optim={"name": "sgd", "lr": 0.05, "momentum": 0.9}, sync=sync,
                     train={"batch_size": 8, "max_steps": 14, "resume": "auto"})
     row, _ = train(more, world, world.logger())
     assert row["step"] == 14
 
 
-@pytest.mark.parametrize("old, new", [(2, 1), (2, 4), (4, 2), (3, 5)])
-def test_sampler_resumes_across_world_sizes_exactly_once(old, new):
-    n, b, seed, epoch = 101, 4, 3, 1
-    done = 0
-    seen = []
-    for r in range(old):  # 3 steps at the old size
-        s = DistributedSampler(n, old, r, b, seed, "global")
-        for i, batch in enumerate(s.epoch(epoch)):
-            if i == 3:
-                break
-            seen.append(batch.indices)
-    done = 3 * b * old
-    for r in range(new):
-        s = DistributedSampler(n, new, r, b, seed, "global")
-        seen += [batch.indices for batch in s.epoch(epoch, start_sample=done)]
-    assert sorted(np.concatenate(seen).tolist()) == list(range(n))
-
-
-def test_inspect_reports_validity(world, shared_tmp, digits_h5):
+def test_inspect_reports_validity(world, shared_tmp, digits_h5, make_cfg):
     cfg = make_cfg(shared_tmp / "i", digits_h5, train={"max_steps": 2})
     train(cfg, world, world.logger())
     if world.is_root:

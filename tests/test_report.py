@@ -8,8 +8,6 @@ import pytest
 from mpitrain import report
 from mpitrain.errors import UserError
 
-from conftest import ROOT
-
 pytestmark = pytest.mark.mpi
 
 
@@ -52,7 +50,7 @@ def test_bad_run_folders(tmp_path, make, message):
         report.report([str(tmp_path / "r")], str(tmp_path / "out"), 0.97)
 
 
-def test_compare_file_validation(tmp_path):
+def test_compare_file_validation(tmp_path, repo_root):
     bad = {
         "nothing = 1\n": "unknown key nothing",
         'job = "x.toml"\n': "no [[run]] tables",
@@ -65,5 +63,26 @@ def test_compare_file_validation(tmp_path):
         with pytest.raises(UserError) as e:
             report.load_compare(str(tmp_path / "c.toml"))
         assert message in str(e.value), (text, str(e.value))
-    spec = report.load_compare(str(ROOT / "jobs" / "compare-digits.toml"))
+    spec = report.load_compare(str(repo_root / "jobs" / "compare-digits.toml"))
     assert spec.job.name == "digits.toml" and len(spec.runs) >= 8
+
+
+def test_run_folder_names():
+    from pathlib import Path
+
+    assert report.run_folder(Path("out"), "local H=2") == Path("out/local-H-2")
+    assert report.run_folder(Path("out"), "async, dynamic batches") == Path("out/async--dynamic-batches")
+
+
+@pytest.mark.parametrize("name", ["compare-digits.toml", "compare-synthetic.toml", "straggler-digits.toml"])
+def test_shipped_comparison_files_are_valid(repo_root, name):
+    """Every run of the comparison files in jobs/ resolves to a valid config (new-style keys)."""
+    from mpitrain import config
+
+    spec = report.load_compare(str(repo_root / "jobs" / name))
+    assert len(spec.runs) >= 2
+    strategies = set()
+    for run_name, extra in spec.runs:
+        cfg = config.load(spec.job, [*spec.overrides, *extra, f"output.name={run_name}"])
+        strategies.add(cfg.sync.strategy)
+    assert len(strategies) >= 2

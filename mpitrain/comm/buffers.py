@@ -187,14 +187,14 @@ def bcast_(comm: MPI.Intracomm, t: torch.Tensor, root: int = 0) -> torch.Tensor:
         TRAFFIC.add(t.numel() * t.element_size())
     if t.is_cuda and not cuda_aware():
         host = t.detach().cpu()
-        comm.Bcast(host_buffer(host.view(torch.uint8).reshape(-1)), root=root)
+        comm.Bcast(host_buffer(host.reshape(-1).view(torch.uint8)), root=root)
         t.copy_(host)
         return t
     if t.is_cuda:
         torch.cuda.current_stream(t.device).synchronize()
-        comm.Bcast(device_buffer(t.view(torch.uint8).reshape(-1)), root=root)
+        comm.Bcast(device_buffer(t.reshape(-1).view(torch.uint8)), root=root)
         return t
-    comm.Bcast(host_buffer(t.view(torch.uint8).reshape(-1)), root=root)
+    comm.Bcast(host_buffer(t.reshape(-1).view(torch.uint8)), root=root)
     return t
 
 

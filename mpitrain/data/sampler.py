@@ -11,7 +11,7 @@ Deterministic from (seed, epoch); resumable mid-epoch. Three shuffles (data.shuf
 - "none": like "global" without shuffling.
 
 `DynamicSampler` (data.assign = "dynamic", for async training on replicated data): the
-global batches of the "global" scope are handed out first come, first served through an
+global batches of the "global" shuffle are handed out first come, first served through an
 atomic counter, so a fast worker takes more of them than a straggler; still every sample
 exactly once per epoch, but which rank gets what depends on timing.
 

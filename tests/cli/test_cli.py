@@ -14,22 +14,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-
 pytestmark = pytest.mark.launcher
 NPS = [1, 2, 4]
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-           OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1",
-           OMPI_MCA_orte_execute_quiet="1", PYTHONUNBUFFERED="1")
-
-
-def mpirun(np_, *args, timeout=120, cwd=ROOT):
-    cmd = ["mpiexec", "-n", str(np_), sys.executable, "-m", "mpi4py", "-m", "mpitrain", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=ENV)
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def digits(tmp_path_factory, mpirun):
     out = tmp_path_factory.mktemp("digits") / "digits.h5"
     r = mpirun(1, "data", "digits", "--out", out)
     assert r.returncode == 0, r.stderr
@@ -99,15 +89,20 @@ def bad_cases(tmp, digits, np_):
         "corrupted checkpoint": (ok + ["--set", f"train.resume={bad_ckpt(tmp)}"], "not an mpitrain checkpoint"),
         "missing checkpoint": (ok + ["--set", f"train.resume={tmp}/none.h5"], "unreadable checkpoint"),
         "unknown shuffle": (ok + ["--set", "data.shuffle=random"], "data.shuffle: expected one of"),
-        "servers without workers": (ok + ["--set", "sync.strategy=ps_sync", "--set", "sync.servers=9"],
-                                    "leaves no worker"),
+        "servers without workers": (ok + ["--set", "sync.strategy=ps_sync", "--set", "sync.ps_sync.servers=9"],
+                                    "sync.ps_sync.servers = 9 leaves no worker"),
+        "old flat sync key": (ok + ["--set", "sync.strategy=bmuf", "--set", "sync.bmuf_momentum=0.5"],
+                              "sync.bmuf_momentum is now sync.bmuf.momentum"),
+        "bad strategy option": (ok + ["--set", "sync.strategy=ssp", "--set", "sync.ssp.staleness=-1"],
+                                "sync.ssp.staleness: expected a value >= 0"),
+        "comm section": (ok + ["--set", "comm.cuda_path=staged"], "cuda_path is now sync.allreduce.cuda_path"),
         "dynamic with allreduce": (ok + ["--set", "data.assign=dynamic"], "data.assign = 'dynamic' needs"),
     }
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("np_", NPS)
-def test_bad_input_one_line_exit_2_every_rank(np_, tmp_path, digits):
+def test_bad_input_one_line_exit_2_every_rank(np_, tmp_path, digits, mpirun):
     for name, (args, message) in bad_cases(tmp_path, digits, np_).items():
         r = mpirun(np_, "train", *args, timeout=60)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -119,7 +114,7 @@ def test_bad_input_one_line_exit_2_every_rank(np_, tmp_path, digits):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("np_", NPS)
-def test_digits_end_to_end(np_, tmp_path, digits):
+def test_digits_end_to_end(np_, tmp_path, digits, mpirun):
     r = mpirun(np_, "train", "jobs/digits.toml", "--set", f"data.path={digits}", "--set",
                f"output.dir={tmp_path}/run", "--set", "train.epochs=10", "--set", "train.progress=false",
                timeout=300)
@@ -136,7 +131,7 @@ def test_digits_end_to_end(np_, tmp_path, digits):
 
 
 @pytest.mark.timeout(300)
-def test_data_commands(tmp_path):
+def test_data_commands(tmp_path, mpirun):
     r = mpirun(2, "data", "synthetic", "--out", tmp_path / "syn.h5", "--samples", 3000, "--test-samples", 200,
                "--features", 16, "--classes", 5)
     assert r.returncode == 0 and "train 3000, test 200" in r.stdout, r.stderr
@@ -151,21 +146,20 @@ def test_data_commands(tmp_path):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("np_", NPS)
-def test_kvstore_example_script(np_):
-    cmd = ["mpiexec", "-n", str(np_), sys.executable, "-m", "mpi4py", "scripts/kvstore_example.py"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=ENV)
+def test_kvstore_example_script(np_, mpirun):
+    r = mpirun(np_, script="scripts/kvstore_example.py", timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     err = float(r.stdout.rsplit("max error", 1)[1])
     assert err < 1e-3, r.stdout
 
 
 @pytest.mark.timeout(300)
-def test_compare_and_report_commands(tmp_path, digits):
+def test_compare_and_report_commands(tmp_path, digits, mpirun, repo_root):
     spec = tmp_path / "cmp.toml"
-    spec.write_text(f'job = "{ROOT}/jobs/digits.toml"\nout = "{tmp_path}/cmp"\ntarget = 0.5\n'
+    spec.write_text(f'job = "{repo_root}/jobs/digits.toml"\nout = "{tmp_path}/cmp"\ntarget = 0.5\n'
                     f'set = ["train.epochs=2", "data.path={digits}", "model.name=mlp"]\n'
                     '[[run]]\nname = "allreduce"\nset = ["sync.strategy=allreduce"]\n'
-                    '[[run]]\nname = "local H=2"\nset = ["sync.strategy=local_sgd", "sync.period=2"]\n')
+                    '[[run]]\nname = "local H=2"\nset = ["sync.strategy=local_sgd", "sync.local_sgd.period=2"]\n')
     r = mpirun(2, "compare", spec, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "cmp"
@@ -176,6 +170,27 @@ def test_compare_and_report_commands(tmp_path, digits):
     assert r.returncode == 0 and (tmp_path / "again" / "table.csv").is_file(), r.stderr
     r = mpirun(2, "report", tmp_path / "nope", "--out", tmp_path / "x")
     assert r.returncode == 2 and r.stderr.strip() == f"mpitrain: error: {tmp_path / 'nope'}: no such run folder"
+
+
+@pytest.mark.timeout(300)
+def test_bench_straggler_runs_a_comparison_file(tmp_path, digits, mpirun, repo_root):
+    spec = tmp_path / "straggler.toml"
+    spec.write_text(f'job = "{repo_root}/jobs/digits.toml"\nout = "{tmp_path}/runs"\ntarget = 0.5\n'
+                    f'set = ["train.epochs=1", "data.path={digits}", "model.name=mlp", "model.hidden=[32]"]\n'
+                    '[[run]]\nname = "allreduce"\nset = ["sync.strategy=allreduce"]\n'
+                    '[[run]]\nname = "ssp s=1"\nset = ["sync.strategy=ssp", "sync.ssp.staleness=1"]\n')
+    r = mpirun(2, "bench", "straggler", "--spec", spec, "--rank", 1, "--factor", 2, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("# mpitrain bench straggler: 2 ranks, rank 1 2.0x slower"), r.stdout
+    rows = {ln.split("  ")[0].strip(): ln.split() for ln in lines[2:]}
+    assert list(rows) == ["allreduce", "ssp s=1"], r.stdout
+    assert float(rows["allreduce"][2]) == 1.0  # the first run is the baseline of the ratios
+    for name in ("allreduce", "ssp-s-1"):
+        assert (tmp_path / "runs" / name / "metrics.jsonl").is_file()
+    r = mpirun(2, "bench", "straggler", "--spec", tmp_path / "nope.toml")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"mpitrain: error: {tmp_path / 'nope.toml'}: no such comparison file"
 
 
 def _train_args(digits, run, *more):
@@ -191,7 +206,7 @@ def _last_step(run):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("old, new", [(2, 1), (2, 4), (4, 2)])
-def test_resume_at_another_world_size(tmp_path, digits, old, new):
+def test_resume_at_another_world_size(tmp_path, digits, mpirun, old, new):
     run = tmp_path / "run"
     r = mpirun(old, *_train_args(digits, run, "--set", "train.epochs=3", "--set", "train.max_steps=40"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -205,11 +220,6 @@ def test_resume_at_another_world_size(tmp_path, digits, old, new):
     e, k = divmod(40, ceil(n, b * old))
     expect = 40 + ceil(n - k * b * old, b * new) + (3 - e - 1) * ceil(n, b * new)
     assert step == expect, (step, expect)
-
-
-def _spawn(np_, args):
-    cmd = ["mpiexec", "-n", str(np_), sys.executable, "-m", "mpi4py", "-m", "mpitrain", *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
 
 
 def _rank_pids(run):
@@ -229,12 +239,12 @@ def _wait_for_checkpoint(run, timeout=120):
 
 
 @pytest.mark.timeout(600)
-def test_sigusr1_checkpoints_and_exits_75_then_resumes(tmp_path, digits):
+def test_sigusr1_checkpoints_and_exits_75_then_resumes(tmp_path, digits, mpirun):
     import signal
     import time
 
     run = tmp_path / "run"
-    p = _spawn(2, _train_args(digits, run, "--set", "train.epochs=200", "--set", "output.checkpoint_every=20"))
+    p = mpirun.spawn(2, *_train_args(digits, run, "--set", "train.epochs=200", "--set", "output.checkpoint_every=20"))
     _wait_for_checkpoint(run)
     for pid in _rank_pids(run):
         os.kill(pid, signal.SIGUSR1)
@@ -249,14 +259,14 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes(tmp_path, digits):
 
 
 @pytest.mark.timeout(600)
-def test_killed_rank_ends_the_job_then_rerun_resumes(tmp_path, digits):
+def test_killed_rank_ends_the_job_then_rerun_resumes(tmp_path, digits, mpirun):
     import random
     import signal
     import time
 
     run = tmp_path / "run"
     args = _train_args(digits, run, "--set", "train.epochs=400", "--set", "output.checkpoint_every=20")
-    p = _spawn(4, args)
+    p = mpirun.spawn(4, *args)
     _wait_for_checkpoint(run)
     pids = sorted(_rank_pids(run))
     victim = random.choice(pids[1:])  # not the first-started rank
@@ -273,7 +283,7 @@ def test_killed_rank_ends_the_job_then_rerun_resumes(tmp_path, digits):
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tiny tmpfs as the full disk (needs root)")
-def test_disk_full_keeps_the_previous_checkpoint(tmp_path, digits):
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, digits, mpirun):
     """The run folder is a 600 kB tmpfs: the first ~340 kB checkpoint fits, the second
     cannot (its temporary file fills the disk)."""
     run = tmp_path / "run"
@@ -296,7 +306,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, digits):
 
 
 @pytest.mark.timeout(300)
-def test_watchdog_aborts_a_hung_job_naming_the_rank(tmp_path, digits):
+def test_watchdog_aborts_a_hung_job_naming_the_rank(tmp_path, digits, mpirun):
     import time
 
     t0 = time.monotonic()

@@ -4,9 +4,9 @@ import h5py
 import numpy as np
 import pytest
 
+from mpitrain.comm import World, shard_bounds
 from mpitrain.config import DataCfg
 from mpitrain.data import hdf5, prepare
-from mpitrain.data.sampler import shard_bounds
 from mpitrain.errors import AgreedError, UserError
 
 pytestmark = pytest.mark.mpi
@@ -46,14 +46,14 @@ def test_synthetic_does_not_depend_on_writer_count(world, shared_tmp):
             assert set(np.unique(y)) <= set(range(4)) and len(np.unique(y)) > 1
         # the same generator run by one writer (this rank alone) gives the same bytes
         from mpi4py import MPI
-        from mpitrain.comm import World
 
         solo = World.create(MPI.COMM_SELF)
         prepare.synthetic(solo, str(shared_tmp / "solo.h5"), samples=5000, test_samples=300,
                           features=12, classes=4, seed=3)
         with h5py.File(shared_tmp / "solo.h5", "r") as f:
             assert np.array_equal(f["train/x"][:], x) and np.array_equal(f["train/y"][:], y)
-    world.comm.Barrier()
+        solo.free()
+    world.barrier()
 
 
 def test_convert_npz(tmp_path):
@@ -96,7 +96,7 @@ def test_bad_data_is_one_agreed_error(world, shared_tmp, kw, message):
     path = shared_tmp / "bad.h5"
     if world.is_root:
         _bad_file(path, **kw)
-    world.comm.Barrier()
+    world.barrier()
     with pytest.raises(AgreedError) as e:
         hdf5.load(DataCfg(path=str(path)), world)
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -107,7 +107,7 @@ def test_missing_and_non_hdf5_files(world, shared_tmp):
         hdf5.load(DataCfg(path=str(shared_tmp / "nope.h5")), world)
     if world.is_root:
         (shared_tmp / "text.h5").write_text("not hdf5")
-    world.comm.Barrier()
+    world.barrier()
     with pytest.raises(AgreedError, match="not an HDF5 file"):
         hdf5.load(DataCfg(path=str(shared_tmp / "text.h5")), world)
     with pytest.raises(AgreedError, match="no group 'training'"):
@@ -118,7 +118,7 @@ def test_missing_and_non_hdf5_files(world, shared_tmp):
 def _bad_or_make(world, shared_tmp):
     if world.is_root:
         _bad_file(shared_tmp / "ok.h5")
-    world.comm.Barrier()
+    world.barrier()
 
 
 def test_fewer_samples_than_ranks(world, shared_tmp):
@@ -127,6 +127,6 @@ def test_fewer_samples_than_ranks(world, shared_tmp):
     if world.is_root:
         _bad_file(shared_tmp / "tiny.h5", **{"train/x": np.zeros((1, 5), np.float32),
                                              "train/y": np.zeros(1, np.int64)})
-    world.comm.Barrier()
+    world.barrier()
     with pytest.raises(AgreedError, match="cannot be partitioned over"):
         hdf5.load(DataCfg(path=str(shared_tmp / "tiny.h5")), world)
