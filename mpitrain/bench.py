@@ -231,33 +231,23 @@ def straggler(args, world, log) -> None:
     """Collective: the runs of a comparison file with one rank `factor` x slower; throughput,
     time to the target accuracy and final accuracy, with ratios to the first run."""
     import json
-    import logging
 
-    from . import config
-    from .report import load_compare, run_folder
-    from .train import train
+    from .report import load_compare
+    from .train import train_each
 
     spec = world.agree(load_compare, args.spec)
     slow = args.rank if world.size > 1 else -1
-    base = [f"train.slowdown_rank={slow}", f"train.slowdown_factor={args.factor}", "train.progress=false",
-            "train.resume=never", "output.checkpoint_every=0", *spec.overrides, *args.overrides]
-    cfgs = [world.agree(config.load, spec.job, [*base, *extra, f"output.dir={run_folder(spec.out, name)}",
-                                                f"output.name={name}"]) for name, extra in spec.runs]
-    level = log.level
-    log.setLevel(logging.WARNING)
-    results = {}
-    for cfg in cfgs:
-        world.barrier()
-        train(cfg, world, log)
-        if world.is_root:
-            rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-            hit = next((r["wall_s"] for r in rows if r.get("test_acc", 0) >= spec.target), None)
-            results[cfg.output.name] = (statistics.median(r["samples_per_s"] for r in rows), hit,
-                                        rows[-1]["test_acc"], max((r.get("staleness_max", 0) for r in rows),
-                                                                  default=0))
-    log.setLevel(level)
+    cfgs = train_each(spec, world, log, [f"train.slowdown_rank={slow}", f"train.slowdown_factor={args.factor}",
+                                         "train.progress=false", "train.resume=never", "output.checkpoint_every=0",
+                                         *args.overrides])
     if not world.is_root:
         return
+    results = {}
+    for cfg in cfgs:
+        rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+        hit = next((r["wall_s"] for r in rows if r.get("test_acc", 0) >= spec.target), None)
+        results[cfg.output.name] = (statistics.median(r["samples_per_s"] for r in rows), hit, rows[-1]["test_acc"],
+                                    max((r.get("staleness_max", 0) for r in rows), default=0))
     print(f"# mpitrain bench straggler: {world.size} ranks, rank {slow} {args.factor}x slower, {spec.job} "
           f"({args.spec}), target test accuracy {spec.target}, {date.today()}")
     ref_rate, ref_hit, _, _ = next(iter(results.values()))

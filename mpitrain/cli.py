@@ -113,9 +113,13 @@ def _run(args, world, log) -> None:
     elif args.cmd == "compare":
         from . import report
 
-        msg = report.compare(args.spec, world, log)
+        from .train import train_each
+
+        spec = world.agree(report.load_compare, args.spec)
+        cfgs = train_each(spec, world, log)
         if world.is_root:
-            print(msg)
+            print(report.report([str(c.run_dir) for c in cfgs], str(spec.out), spec.target,
+                                f"{spec.title}: {world.size} ranks"))
     elif args.cmd == "report":
         from . import report
 

@@ -1,7 +1,7 @@
 """Strategy comparison: run a job under several strategies, then tabulate and plot.
 
 `mpitrain compare FILE.toml` trains the same base job once per `[[run]]` (in turn, at the
-current world size) and writes into `out`: table.md, table.csv, accuracy_vs_time.png and
+current world size, with train.train_each) and writes into `out`: table.md, table.csv, accuracy_vs_time.png and
 accuracy_vs_epoch.png. `mpitrain report RUN_DIR...` rebuilds them from existing runs'
 metrics.jsonl (rank 0 only, no MPI needed).
 """
@@ -161,6 +161,10 @@ class CompareSpec:
     runs: tuple[tuple[str, tuple[str, ...]], ...]
     title: str
 
+    def run_dir(self, name: str) -> Path:
+        """The folder of run `name`: out/<name, with only safe characters>."""
+        return self.out / "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-")
+
 
 def load_compare(path: str) -> CompareSpec:
     p = Path(path)
@@ -198,32 +202,3 @@ def _strings(p, key, v):
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise UserError(f"{p}: {key}: expected a list of 'section.key=value' strings")
     return v
-
-
-def compare(path: str, world, log) -> str | None:
-    """Collective: train the base job once per run, then (rank 0) write the report."""
-    import logging
-
-    from . import config
-    from .train import train
-
-    spec = world.agree(load_compare, path)
-    cfgs = [world.agree(config.load, spec.job, [*spec.overrides, *extra, f"output.dir={run_folder(spec.out, name)}",
-                                                f"output.name={name}"])
-            for name, extra in spec.runs]  # validate every run before training any
-    level = log.level
-    for cfg in cfgs:
-        if world.is_root:
-            log.info(f"compare: {cfg.output.name} ({cfg.sync.strategy})")
-        log.setLevel(logging.WARNING)
-        train(cfg, world, log)
-        log.setLevel(level)
-    if world.is_root:
-        title = f"{spec.title}: {world.size} ranks"
-        return report([str(c.run_dir) for c in cfgs], str(spec.out), spec.target, title)
-    return None
-
-
-def run_folder(out: Path, name: str) -> Path:
-    """The run folder of a comparison's run: out/<name, with only safe characters>."""
-    return out / "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-")

@@ -210,6 +210,27 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
     return row
 
 
+def train_each(spec, world, log, overrides=()) -> list[Config]:
+    """Collective: the runs of a comparison (report.CompareSpec), every one validated before
+    any trains, then trained in turn with only warnings logged; returns their configs."""
+    import logging
+
+    from . import config
+
+    cfgs = [world.agree(config.load, spec.job, [*spec.overrides, *overrides, *extra,
+                                                f"output.dir={spec.run_dir(name)}", f"output.name={name}"])
+            for name, extra in spec.runs]
+    level = log.level
+    for cfg in cfgs:
+        if world.is_root:
+            log.info(f"{spec.title}: {cfg.output.name} ({cfg.sync.strategy})")
+        log.setLevel(logging.WARNING)
+        world.barrier()
+        train(cfg, world, log)
+        log.setLevel(level)
+    return cfgs
+
+
 def loss_weight(strategy, world, global_count: int) -> float:
     """Factor for this rank's summed loss: 1/global batch where the ranks' gradients are
     combined, world size/global batch (the local mean) where each rank steps on its own."""

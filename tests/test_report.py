@@ -70,8 +70,9 @@ def test_compare_file_validation(tmp_path, repo_root):
 def test_run_folder_names():
     from pathlib import Path
 
-    assert report.run_folder(Path("out"), "local H=2") == Path("out/local-H-2")
-    assert report.run_folder(Path("out"), "async, dynamic batches") == Path("out/async--dynamic-batches")
+    spec = report.CompareSpec(Path("job.toml"), Path("out"), 0.9, (), (), "t")
+    assert spec.run_dir("local H=2") == Path("out/local-H-2")
+    assert spec.run_dir("async, dynamic batches") == Path("out/async--dynamic-batches")
 
 
 @pytest.mark.parametrize("name", ["compare-digits.toml", "compare-synthetic.toml", "straggler-digits.toml"])
