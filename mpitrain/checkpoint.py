@@ -7,14 +7,20 @@ Layout (`h5ls -r` shows it):
     /optimizer/state/<param index>/<key>, attrs param_groups (JSON)
     /strategy/<key>  strategy state (BMUF/EASGD center, parameter-store optimizer state)
     /rng/torch_cpu   (ranks, n) uint8: every rank's torch CPU generator state
-Every dataset carries a `crc32` attribute over its bytes. A checkpoint is written by rank
-0 to `ckpt-<step>.h5.tmp`, flushed, fsync'ed and renamed to `ckpt-<step>.h5` (atomic on
-POSIX), then all but the newest `output.keep` are removed. Loading reads arrays only
-(numpy, JSON, TOML): nothing in a checkpoint can execute code.
+Every dataset carries a `crc32` attribute over its bytes, and the file ends with a trailer
+`\nmpitrain-sha256 <64 hex>\n` over all the bytes before it (HDF5 ignores bytes past its
+end of file), so attributes and metadata are covered too: a file is verified with plain
+reads *before* HDF5 parses it (h5py can crash on corrupted metadata), and then parsed from
+the verified bytes in memory. A checkpoint is written by rank 0 to `ckpt-<step>.h5.tmp`,
+flushed, fsync'ed and renamed to `ckpt-<step>.h5` (atomic on POSIX), then all but the
+newest `output.keep` are removed. Loading reads arrays only (numpy, JSON, TOML): nothing
+in a checkpoint can execute code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -32,6 +38,28 @@ from .errors import UserError
 FORMAT = "mpitrain-checkpoint"
 FORMAT_VERSION = 1
 NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
+
+
+TRAILER = b"\nmpitrain-sha256 "
+TRAILER_LEN = len(TRAILER) + 64 + 1
+
+
+def _trailer(image: bytes) -> bytes:
+    return TRAILER + hashlib.sha256(image).hexdigest().encode() + b"\n"
+
+
+def verified_bytes(path: Path) -> bytes:
+    """The HDF5 bytes of a checkpoint whose whole-file checksum matches (plain reads only)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    image, trailer = data[:-TRAILER_LEN], data[-TRAILER_LEN:]
+    if len(data) < TRAILER_LEN or not trailer.startswith(TRAILER) or not trailer.endswith(b"\n"):
+        raise UserError(f"{path}: no whole-file checksum trailer (truncated, or not an mpitrain checkpoint)")
+    if trailer != _trailer(image):
+        raise UserError(f"{path}: whole-file checksum mismatch (corrupted)")
+    return image
 
 
 def crc(a: np.ndarray) -> int:
@@ -93,6 +121,7 @@ def write(path: Path, snap: Snapshot) -> float:
     try:
         with open(tmp, "wb") as fh:
             fh.write(image)
+            fh.write(_trailer(image))
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(path)
@@ -102,10 +131,12 @@ def write(path: Path, snap: Snapshot) -> float:
     return time.perf_counter() - t0
 
 
-def read(path: Path, verify: bool = True) -> Snapshot:
-    """Load and (by default) verify every checksum; UserError if anything is wrong."""
+def read(path: Path) -> Snapshot:
+    """Verify the whole file, then load it and verify every array; UserError if anything is
+    wrong (never a crash: HDF5 only ever sees bytes whose checksum matched)."""
+    image = verified_bytes(path)
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(io.BytesIO(image), "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise UserError(f"{path}: not an mpitrain checkpoint")
             bad = []
@@ -113,8 +144,10 @@ def read(path: Path, verify: bool = True) -> Snapshot:
             def arrays(g):
                 out = {}
                 for k, d in g.items():
+                    if not isinstance(d, h5py.Dataset):
+                        raise UserError(f"{path}: {d.name} is not an array")
                     a = d[()]
-                    if verify and ("crc32" not in d.attrs or crc(a) != int(d.attrs["crc32"])):
+                    if "crc32" not in d.attrs or crc(a) != int(d.attrs["crc32"]):
                         bad.append(d.name)
                     out[k] = a
                 return out
@@ -133,8 +166,10 @@ def read(path: Path, verify: bool = True) -> Snapshot:
                 mpitrain_version=str(f.attrs["mpitrain_version"]))
             if bad:
                 raise UserError(f"{path}: checksum mismatch in {', '.join(bad[:3])}")
+            if not isinstance(snap.param_groups, list) or not all(isinstance(g, dict) for g in snap.param_groups):
+                raise UserError(f"{path}: optimizer param_groups is not a list of tables")
             return snap
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
@@ -173,21 +208,18 @@ def describe(path: str) -> str:
     if not p.is_file():
         raise UserError(f"{p}: no such checkpoint")
     try:
-        snap, status = read(p), "valid (all checksums match)"
+        snap = read(p)
     except UserError as e:
-        snap, status = read(p, verify=False) if "checksum" in str(e) else None, f"INVALID: {e}"
-        if snap is None:
-            raise
-    lines = [f"{p}: {status}",
+        raise UserError(f"INVALID: {e}") from None
+    lines = [f"{p}: valid (whole-file sha256 and every array's crc32 match)",
              f"  step {snap.step}, epoch {snap.epoch} (+{snap.samples_in_epoch} samples), written at "
              f"{snap.world_size} ranks by mpitrain {snap.mpitrain_version}",
              f"  strategy {snap.strategy}, model {snap.model_name}, "
              f"{sum(a.size for a in snap.model.values()):,} model values"]
-    with h5py.File(p, "r") as f:
+    with h5py.File(io.BytesIO(verified_bytes(p)), "r") as f:
         def show(name, obj):
             if isinstance(obj, h5py.Dataset):
-                c = obj.attrs.get("crc32")
                 lines.append(f"  /{name:40s} {str(obj.dtype):8s} {str(obj.shape):16s} crc32 "
-                             + (f"{int(c):08x}" if c is not None else "missing"))
+                             f"{int(obj.attrs['crc32']):08x}")
         f.visititems(show)
     return "\n".join(lines)

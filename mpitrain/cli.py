@@ -7,8 +7,8 @@ import sys
 
 from . import __version__
 from .comm.world import LAUNCH
-from .errors import EXIT_USAGE, AgreedError, UserError
-from .faults import EXIT_STOPPED, Stopped
+from .errors import EXIT_USAGE, UserError
+from .faults import EXIT_DIVERGED, EXIT_STOPPED, Stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,7 +16,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="mpitrain",
         description="Data-parallel PyTorch training over MPI. Launch every rank with: "
                     f"{LAUNCH} train JOB.toml",
-        epilog=f"Exit codes: 0 ok, {EXIT_USAGE} bad input (one line on stderr), {EXIT_STOPPED} stopped by "
+        epilog=f"Exit codes: 0 ok, {EXIT_USAGE} bad input (one line on stderr), 3 watchdog: no progress, "
+               f"{EXIT_DIVERGED} non-finite loss (train.on_nonfinite = 'stop'), {EXIT_STOPPED} stopped by "
                "SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (rerun to resume), 1 internal error.")
     p.add_argument("--version", action="version", version=f"mpitrain {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -163,9 +164,9 @@ def main(argv=None) -> None:
     except UserError as e:
         if args.debug:
             raise
-        if isinstance(e, AgreedError):  # every rank has it: rank 0 prints, all exit cleanly
+        if e.agreed:  # every rank has it: rank 0 prints, all exit cleanly
             if world.is_root:
                 print(f"mpitrain: error: {e}", file=sys.stderr, flush=True)
-            exit_cleanly(EXIT_USAGE)
+            exit_cleanly(e.exit_code)
         print(f"mpitrain: error (rank {world.rank}): {e}", file=sys.stderr, flush=True)
-        world.abort(EXIT_USAGE)  # only this rank knows: end the others too
+        world.abort(e.exit_code)  # only this rank knows: end the others too

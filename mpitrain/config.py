@@ -25,7 +25,7 @@ class ModelCfg:
     name: str = _opt("mlp", help="model registry key (see mpitrain.models)")
     hidden: tuple[int, ...] = _opt((128, 128), help="MLP hidden layer widths")
     channels: tuple[int, ...] = _opt((16, 32), help="CNN conv channels per block")
-    dropout: float = _opt(0.0, min=0.0)
+    dropout: float = _opt(0.0, min=0.0, lt=1.0)
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class DataCfg:
     y: str = _opt("y", help="dataset name of the integer labels inside a split group")
     shuffle: str = _opt("auto", choices=("auto", "global", "shard", "none"),
                         help="auto = global when replicated, shard when partitioned")
-    read_chunk: int = _opt(65536, gt=0, help="samples per collective HDF5 read")
+    read_chunk: int = _opt(65536, gt=0, max=2**31 - 1, help="samples per collective HDF5 read")
+    check_finite: bool = _opt(True, help="reject NaN/inf inputs when loading (one pass over the data)")
     assign: str = _opt("static", choices=("static", "dynamic"),
                        help="dynamic: batches claimed first come, first served (async + replicated only)")
 
@@ -52,7 +53,7 @@ class OptimCfg:
     weight_decay: float = _opt(0.0, min=0.0)
     betas: tuple[float, ...] = _opt((0.9, 0.999))
     schedule: str = _opt("cosine", choices=("constant", "cosine", "step"))
-    step_epochs: int = _opt(30, gt=0, help="schedule=step: decay every this many epochs")
+    step_epochs: int = _opt(30, gt=0, max=10**6, help="schedule=step: decay every this many epochs")
     step_gamma: float = _opt(0.1, gt=0.0)
     warmup_epochs: float = _opt(0.0, min=0.0)
     lr_scaling: str = _opt("none", choices=("none", "linear"),
@@ -61,15 +62,18 @@ class OptimCfg:
 
 @dataclass(frozen=True)
 class TrainCfg:
-    epochs: int = _opt(10, gt=0)
-    batch_size: int = _opt(32, gt=0, help="samples per rank per step")
+    epochs: int = _opt(10, gt=0, max=10**6)
+    batch_size: int = _opt(32, gt=0, max=2**24, help="samples per rank per step")
     max_steps: int = _opt(0, min=0, help="stop after this many steps (0 = no limit)")
-    seed: int = _opt(0, min=0)
-    threads: int = _opt(0, min=0, help="torch intra-op threads (0 = cores per node-local rank)")
+    seed: int = _opt(0, min=0, max=2**32 - 1)
+    threads: int = _opt(0, min=0, max=4096, help="torch intra-op threads (0 = cores per node-local rank)")
     device: str = _opt("cpu", choices=("cpu", "cuda", "auto"))
     progress: bool = _opt(True, help="tqdm bar on rank 0")
     eval_every: int = _opt(1, gt=0, help="evaluate every this many epochs (and at the end)")
     watchdog_s: float = _opt(600.0, min=0.0, help="abort when a rank sees no progress this long (0 = off)")
+    on_nonfinite: str = _opt("stop", choices=("stop", "skip"),
+                             help="a NaN/inf loss on any rank: stop (exit 4, nothing of that step applied) "
+                                  "or skip that step's update on every rank")
     resume: str = _opt("auto", help="auto (newest valid checkpoint in the run folder), never, or a path")
     slowdown_rank: int = _opt(-1, min=-1, help="straggler injection: this rank sleeps (-1 = none)")
     slowdown_factor: float = _opt(1.0, min=1.0, help="... so its steps take factor x its compute time")
@@ -95,7 +99,7 @@ class OutputCfg:
     dir: str = _opt("runs/{name}", help="run folder; {name} = output.name")
     name: str = _opt("", help="run name (default: the job file's stem)")
     checkpoint_every: int = _opt(500, min=0, help="steps between checkpoints (0 = only at the end / on stop)")
-    keep: int = _opt(2, gt=0, help="newest checkpoints to keep")
+    keep: int = _opt(2, gt=0, max=10**4, help="newest checkpoints to keep")
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,11 @@ def _cross_checks(cfg: Config, where: str) -> None:
     """Checks that involve several sections (before any collective)."""
     from .sync import REGISTRY
 
+    try:
+        cfg.run_dir
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"{where}: output.dir: {cfg.output.dir!r} is not a valid folder pattern "
+                        f"(only {{name}} is replaced): {e!r}") from None
     d = cfg.data
     if d.assign == "dynamic":
         if not REGISTRY[cfg.sync.strategy].uneven_steps:
@@ -233,6 +242,8 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
             raise UserError(f"{where}: cannot read job file: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{where}: malformed TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 text (byte {e.start}): a job file is TOML") from None
     for item in overrides:
         keys, value = _parse_override(item)
         table = raw

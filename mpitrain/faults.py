@@ -16,19 +16,36 @@ import threading
 import time
 
 from .comm.heartbeat import Heartbeat
-from .errors import AgreedError
+from .errors import UserError
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: "try again" -- stopped on request after a checkpoint
 EXIT_HANG = 3  # the watchdog aborted a job that stopped making progress
+EXIT_DIVERGED = 4  # a non-finite loss with train.on_nonfinite = "stop"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Stopped(Exception):
     """Raised on every rank after the stop checkpoint is written."""
 
+    agreed = True
+    exit_code = EXIT_STOPPED
+
     def __init__(self, signame: str, step: int, path):
         super().__init__(f"stopped by {signame} after step {step}; checkpoint {path}; "
                          f"exit {EXIT_STOPPED} (rerun the same command to resume)")
+
+
+class Diverged(UserError):
+    """Training diverged: a non-finite loss (train.on_nonfinite = "stop"; nothing of that
+    step was applied) or non-finite parameters at a checkpoint (not written). Either way
+    the newest checkpoint on disk is the last good state."""
+
+    exit_code = EXIT_DIVERGED
+
+    def __init__(self, what: str, agreed: bool):
+        self.agreed = agreed
+        super().__init__(f"{what} (exit {EXIT_DIVERGED}); the newest checkpoint holds the last good state. "
+                         "Lower optim.lr, check the data for NaN/inf, or set train.on_nonfinite = 'skip'")
 
 
 class StopFlag:
@@ -66,14 +83,16 @@ def stop_flag() -> StopFlag:
 def collective_cleanup():
     """An ExitStack for resources whose release is collective (windows, communicators,
     threads that take part in collectives). It is closed when the block ends normally or
-    with an error every rank raised at the same point (AgreedError, Stopped); on any other
-    exception only this rank is unwinding, so nothing collective runs: the exception goes
-    on to MPI_Abort (the launch wrapper, comm.world.LAUNCH), which ends every rank."""
+    with an error every rank raised at the same point (`agreed`: AgreedError, Stopped, an
+    agreed Diverged); on any other exception only this rank is unwinding, so nothing
+    collective runs: the exception goes on to MPI_Abort (the launch wrapper,
+    comm.world.LAUNCH), which ends every rank."""
     stack = contextlib.ExitStack()
     try:
         yield stack
-    except (AgreedError, Stopped):
-        stack.close()
+    except BaseException as e:
+        if getattr(e, "agreed", False):
+            stack.close()
         raise
     stack.close()
 

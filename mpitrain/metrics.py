@@ -3,16 +3,58 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from .errors import UserError
 
 
 class MetricsLog:
+    """Appends one JSON line per epoch. A failed write (full disk, read-only file) leaves
+    no torn line behind and becomes one UserError naming the file."""
+
     def __init__(self, path: Path | None):
         self.path = path
         self.rows: list[dict] = []
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if self.path is None:
+            return
+        line = memoryview((json.dumps(row) + "\n").encode())
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    while line:  # unbuffered: a short write is seen, not hidden in a buffer
+                        line = line[os.write(fd, line):]
+                except OSError:
+                    os.ftruncate(fd, size)  # no torn line (truncating frees the space it took)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot append the epoch {row.get('epoch')} metrics: "
+                            f"{e.strerror or e}") from None
+
+
+def trim(path: Path, step: int) -> int:
+    """Keep the rows of metrics.jsonl up to `step` (a resumed run writes the later ones
+    again); lines that are not JSON rows (torn by a crash) are dropped. Returns how many
+    lines were dropped that way."""
+    keep, torn = [], 0
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(ln)
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            torn += bool(ln.strip())
+        elif row["step"] <= step:
+            keep.append(ln)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+    return torn

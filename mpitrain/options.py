@@ -4,15 +4,18 @@ own `Options` dataclasses. No imports from the rest of the package."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import field
 
 from .errors import UserError
 
 
-def opt(default, *, choices=None, min=None, gt=None, help=""):
-    """A dataclass field with validation metadata."""
-    return field(default=default, metadata={"choices": choices, "min": min, "gt": gt, "help": help})
+def opt(default, *, choices=None, min=None, gt=None, max=None, lt=None, help=""):
+    """A dataclass field with validation metadata: choices, bounds min <= v <= max and
+    gt < v < lt (floats must also be finite)."""
+    return field(default=default, metadata={"choices": choices, "min": min, "gt": gt, "max": max, "lt": lt,
+                                            "help": help})
 
 
 def check(where: str, key: str, f: dataclasses.Field, hint, value):
@@ -31,6 +34,8 @@ def check(where: str, key: str, f: dataclasses.Field, hint, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             bad("a number")
         value = float(value)
+        if not math.isfinite(value):
+            bad("a finite number")
     elif hint is str:
         if not isinstance(value, str):
             bad("a string")
@@ -46,6 +51,10 @@ def check(where: str, key: str, f: dataclasses.Field, hint, value):
         bad(f"a value >= {meta['min']}")
     if meta.get("gt") is not None and value <= meta["gt"]:
         bad(f"a value > {meta['gt']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        bad(f"a value <= {meta['max']}")
+    if meta.get("lt") is not None and value >= meta["lt"]:
+        bad(f"a value < {meta['lt']}")
     return value
 
 

@@ -14,6 +14,7 @@ import torch
 
 from . import __version__, checkpoint, sync
 from .errors import AgreedError, UserError
+from .faults import Diverged
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ def save(job, pos: Position) -> str:
     with strategy.consolidated():  # the model every rank agrees on
         sstate = strategy.state_dict() if isinstance(strategy, sync.Stateful) else {}
         rng = world.gather(torch.get_rng_state().numpy())
+        finite = all(bool(torch.isfinite(p).all()) for p in job.model.parameters())
+        if not world.bcast(finite):
+            raise Diverged(f"parameters are not finite at step {pos.step}: checkpoint not written", agreed=True)
         err, path = None, checkpoint.path_for(job.run_dir, pos.step)
         if world.is_root:
             snap = checkpoint.Snapshot(
@@ -66,6 +70,51 @@ def save(job, pos: Position) -> str:
                        + (f"previous checkpoint {prev[0].name} intact" if prev else "no earlier checkpoint"))
         world.raise_any(world.bcast(err))
     return str(path)
+
+
+def _check_position(job, snap: checkpoint.Snapshot) -> None:
+    """Step, epoch, sample position and RNG states must make sense for this job."""
+    t = job.cfg.train
+    problems = []
+    if snap.step < 0:
+        problems.append(f"step {snap.step} < 0")
+    if not 0 <= snap.epoch <= t.epochs:
+        problems.append(f"epoch {snap.epoch} outside 0..{t.epochs} (train.epochs)")
+    if not 0 <= snap.samples_in_epoch <= job.train_split.total:
+        problems.append(f"samples_in_epoch {snap.samples_in_epoch} outside 0..{job.train_split.total}")
+    rng = np.asarray(snap.rng)
+    if rng.ndim != 2 or rng.dtype != np.uint8 or rng.shape[1] != torch.get_rng_state().numel():
+        problems.append(f"RNG states of shape {rng.shape} ({rng.dtype}), expected (ranks, "
+                        f"{torch.get_rng_state().numel()}) uint8")
+    if problems:
+        raise UserError(f"checkpoint at step {snap.step} does not fit this job: {'; '.join(problems)}")
+
+
+def _load_optimizer(job, snap: checkpoint.Snapshot) -> None:
+    opt = job.optimizer
+    mine = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, entries in snap.optimizer_state.items():
+        if not str(i).isdigit() or int(i) >= len(params):
+            raise UserError(f"checkpoint optimizer state names parameter {i!r}; this job has {len(params)}")
+        p, state[int(i)] = params[int(i)], {}
+        for k, v in entries.items():
+            a = np.asarray(v)
+            if a.dtype.kind not in "fiub" or (a.ndim and a.shape != tuple(p.shape)):
+                raise UserError(f"checkpoint optimizer state {i}/{k} has shape {a.shape} ({a.dtype}); "
+                                f"its parameter has {tuple(p.shape)}")
+            state[int(i)][k] = torch.from_numpy(np.array(a)) if a.ndim or k != "step" else torch.tensor(float(a))
+    try:
+        opt.load_state_dict({"state": state, "param_groups": snap.param_groups})
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint optimizer state does not fit optim.name = {job.cfg.optim.name!r}: {e}") from None
+    for g, want in zip(opt.param_groups, mine):
+        changed = {k: (g.get(k), v) for k, v in want.items() if g.get(k) != v}
+        g.update(want)
+        if changed and job.world.is_root:
+            job.log.info("optimizer settings from the job file, not the checkpoint: "
+                         + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
 
 def _optimizer_arrays(opt: torch.optim.Optimizer) -> dict:
@@ -93,7 +142,10 @@ def find(job) -> checkpoint.Snapshot | None:
 
 
 def restore(job, snap: checkpoint.Snapshot) -> Position:
-    """Load a snapshot into the (not yet set up) model and optimizer on this rank."""
+    """Load a snapshot into the (not yet set up) model and optimizer on this rank, after
+    checking it fits the job. The checkpoint supplies state; hyperparameters (momentum,
+    weight decay, betas, base lr, ...) come from the job file, a changed one is logged."""
+    _check_position(job, snap)
     model_sd = job.model.state_dict()
     if set(snap.model) != set(model_sd) or any(tuple(snap.model[k].shape) != tuple(v.shape)
                                                for k, v in model_sd.items()):
@@ -102,19 +154,12 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
                         f"{job.cfg.model.name} with {sum(v.numel() for v in model_sd.values()):,}")
     job.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in snap.model.items()})
     if snap.optimizer_state or snap.param_groups:
-        try:
-            job.optimizer.load_state_dict({
-                "state": {int(i): {k: torch.from_numpy(np.array(v)) if np.ndim(v) or k != "step"
-                                   else torch.tensor(float(v)) for k, v in e.items()}
-                          for i, e in snap.optimizer_state.items()},
-                "param_groups": snap.param_groups})
-        except (ValueError, KeyError) as e:
-            raise UserError(f"checkpoint optimizer state does not fit optim.name = "
-                            f"{job.cfg.optim.name!r}: {e}") from None
-    with warnings.catch_warnings():  # replay the LR schedule to the checkpoint's step
+        _load_optimizer(job, snap)
+    # the LR schedule is a closed form of the step (LambdaLR): jump to it in O(1)
+    job.schedule.last_epoch = snap.step - 1
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(snap.step):
-            job.schedule.step()
+        job.schedule.step()
     r = job.world.rank
     if r < len(snap.rng):
         torch.set_rng_state(torch.from_numpy(np.array(snap.rng[r])))

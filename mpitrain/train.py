@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -18,8 +18,8 @@ from .config import Config
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler
 from .errors import UserError
-from .faults import StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag
-from .metrics import MetricsLog
+from .faults import Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag
+from .metrics import MetricsLog, trim as trim_metrics
 from .models import build_model, build_optimizer, build_schedule
 
 
@@ -51,12 +51,6 @@ def prepare_run_dir(cfg: Config, world) -> Path:
                 raise UserError(f"output.dir: cannot write to {run_dir}: {e.strerror}") from None
     world.agree(make)
     return run_dir
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Keep the metrics rows up to `step` (a resumed run rewrites the later ones)."""
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 @torch.no_grad()
@@ -136,20 +130,30 @@ def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
 def resume(job: Job) -> state.Position:
     """Collective: the position to start from (restored from a checkpoint, or the start);
     seeds this rank's random stream (dropout) either way."""
-    world, log = job.world, job.log
+    world = job.world
     snap = state.find(job)
     pos = world.agree(state.restore, job, snap) if snap else state.Position()
-    if world.is_root:
-        if snap:
-            trim_metrics(job.run_dir / "metrics.jsonl", pos.step)
-            log.info(f"resuming from step {pos.step} (epoch {pos.epoch + 1}, checkpoint written at "
-                     f"{snap.world_size} ranks)")
-        else:
-            (job.run_dir / "metrics.jsonl").write_text("")
+    world.on_root(reset_metrics, job, pos)
     torch.manual_seed(job.cfg.train.seed * 7919 + world.rank)  # per-rank stream
     if snap and world.rank < len(snap.rng):
         torch.set_rng_state(torch.from_numpy(snap.rng[world.rank].copy()))
     return pos
+
+
+def reset_metrics(job: Job, pos: state.Position) -> None:
+    """Rank 0: metrics.jsonl keeps the rows up to the resumed step (emptied on a fresh start)."""
+    path = job.run_dir / "metrics.jsonl"
+    try:
+        if pos.snapshot is None:
+            path.write_text("")
+            return
+        torn = trim_metrics(path, pos.step)
+    except OSError as e:
+        raise UserError(f"{path}: cannot rewrite: {e.strerror or e}") from None
+    if torn:
+        job.log.warning(f"{path}: dropped {torn} line(s) that were not JSON rows (a torn write)")
+    job.log.info(f"resuming from step {pos.step} (epoch {pos.epoch + 1}, checkpoint written at "
+                 f"{pos.snapshot.world_size} ranks)")
 
 
 def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
@@ -166,7 +170,7 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
         if step >= max_steps:
             break
         t_epoch, first_step, sent = time.perf_counter(), step, world.bytes_sent()
-        loss_sum, local = 0.0, 0
+        loss_sum, local, skipped = 0.0, 0, 0
         done = pos.samples_in_epoch if epoch == pos.epoch else 0  # global samples of this epoch
         for batch in progress_bar(job, sampler.epoch(epoch, done), epoch):
             dog.beat(step + 1)
@@ -177,27 +181,33 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
             (loss * loss_weight(strategy, world, batch.global_count)).backward()
             inject_straggler(world, cfg.train, t_compute)
             with dog.waiting(step + 1):
-                strategy.after_backward(step)
-                optimizer.step()
+                signum, nonfinite = agree_flags(job, stop, loss_value := loss.item(), step)
+                if not nonfinite:
+                    strategy.after_backward(step)
+                    optimizer.step()
+                    strategy.after_step(step)
                 schedule.step()
-                strategy.after_step(step)
-            loss_sum, local, done, step = loss_sum + loss.item(), local + len(y), done + batch.global_count, step + 1
+            skipped += bool(nonfinite)
+            loss_sum += 0.0 if nonfinite else loss_value
+            local, done, step = local + len(y), done + batch.global_count, step + 1
             here = state.Position(step, epoch, done)
-            if sampler.lockstep:  # every rank is at this step: agree on stop / checkpoint now
-                maybe_checkpoint(job, here, stop, step % every == 0)
+            if signum or (sampler.lockstep and step % every == 0):  # every rank is at this step
+                checkpoint(job, here, signum)
             if step >= max_steps:
                 break
         train_time = time.perf_counter() - t_epoch
         here = state.Position(step, epoch + 1, 0) if step < max_steps else here
-        if not sampler.lockstep:  # ranks ran different step counts: agree at the epoch end
-            maybe_checkpoint(job, here, stop, False)
+        if not sampler.lockstep:  # ranks ran different step counts: agree on a stop signal now
+            if signum := stop.agreed(world):
+                checkpoint(job, here, signum)
         with dog.waiting(step):
             last = epoch == cfg.train.epochs - 1 or world.any(step >= max_steps)
             with strategy.consolidated():
                 tested = (evaluate(model, job.test_split, world, device) if job.test_split is not None
                           and ((epoch + 1) % cfg.train.eval_every == 0 or last) else {})
             row = epoch_row(job, epoch, step, train_time, [loss_sum, local, world.bytes_sent() - sent,
-                                                           step - first_step]) | tested
+                                                           step - first_step,
+                                                           skipped / (world.size if sampler.lockstep else 1)]) | tested
         row["wall_s"] = time.perf_counter() - t_start
         metrics.append(row)
         log_epoch(job, row)
@@ -237,21 +247,39 @@ def loss_weight(strategy, world, global_count: int) -> float:
     return (1.0 if strategy.sums_gradients else world.size) / global_count
 
 
-def maybe_checkpoint(job: Job, here: state.Position, stop: StopFlag, due: bool) -> None:
-    """Collective: checkpoint when due or when any rank got a stop signal (then stop)."""
-    signum = stop.agreed(job.world)
-    if signum or due:
-        path = state.save(job, here)
-        if signum:
-            raise Stopped(signal.Signals(signum).name, here.step, path)
+def agree_flags(job: Job, stop: StopFlag, loss: float, step: int) -> tuple[int, bool]:
+    """(stop signal, non-finite loss) for this step, agreed over ranks with one tiny
+    allreduce when they step in lockstep (else this rank's own; a stop signal is then
+    agreed at the epoch end). A non-finite loss stops the job (train.on_nonfinite =
+    "stop") before anything of the step is applied, or is skipped on every rank."""
+    bad = not math.isfinite(loss)
+    if job.sampler.lockstep:  # [any signal, the highest rank with a bad loss + 1]
+        signum, bad_rank = job.world.max(np.array([stop.signum, (job.world.rank + 1) * bad], dtype=np.float64))
+        signum, bad = int(signum), bad_rank > 0
+        where = f"rank {int(bad_rank) - 1}" + (" (and maybe others)" if job.world.size > 1 else "")
+    else:
+        signum, where = 0, f"rank {job.world.rank}"
+    if bad and job.cfg.train.on_nonfinite == "stop":
+        raise Diverged(f"non-finite loss in step {step + 1} on {where}: stopped before applying it",
+                       agreed=job.sampler.lockstep)
+    if bad and job.world.is_root:
+        job.log.warning(f"non-finite loss in step {step + 1} on {where}: update skipped (train.on_nonfinite = 'skip')")
+    return signum, bool(bad)
+
+
+def checkpoint(job: Job, here: state.Position, signum: int) -> None:
+    """Collective: write a checkpoint; after an agreed stop signal, stop (exit 75)."""
+    path = state.save(job, here)
+    if signum:
+        raise Stopped(signal.Signals(signum).name, here.step, path)
 
 
 def epoch_row(job: Job, epoch: int, step: int, train_time: float, sums: list) -> dict:
     """Collective: the epoch's metrics row (throughput: all samples over the slowest rank's
     time, since ranks may differ; traffic: bytes handed to MPI per step, mean over ranks)."""
-    loss_sum, seen, sent, steps = job.world.sum(np.array(sums, dtype=np.float64))
+    loss_sum, seen, sent, steps, skipped = job.world.sum(np.array(sums, dtype=np.float64))
     row = {"epoch": epoch + 1, "step": step, "ranks": job.world.size,
-           "train_loss": float(loss_sum / max(1, seen)),
+           "train_loss": float(loss_sum / max(1, seen)), "skipped_steps": int(skipped),
            "samples_per_s": float(seen / job.world.max(train_time)), "lr": job.schedule.get_last_lr()[0],
            "comm_bytes_per_step": float(sent / max(1, steps))}
     if isinstance(job.strategy, sync.Reporting):

@@ -92,6 +92,18 @@ def test_every_strategy_has_defaults():
     ("", ["sync.easgd.period=x"], "(with --set): sync.easgd.period: expected an integer"),
     ("", ["sync.ssp.staleness=1.5"], "sync.ssp.staleness: expected an integer"),
     ("[train]\nepochs = 3\n", ["train.epochs.x=1"], "train.epochs is not a table"),
+    ("[optim]\nlr = nan\n", [], "optim.lr: expected a finite number, got nan"),
+    ("", ["optim.lr=inf"], "optim.lr: expected a finite number, got inf"),
+    ("", ["train.watchdog_s=nan"], "train.watchdog_s: expected a finite number"),
+    ("", ["optim.warmup_epochs=inf"], "optim.warmup_epochs: expected a finite number"),
+    ("[sync]\nstrategy = 'easgd'\n[sync.easgd]\nbeta = inf\n", [], "sync.easgd.beta: expected a finite number"),
+    ("[model]\ndropout = 1.5\n", [], "model.dropout: expected a value < 1.0"),
+    ("[train]\nseed = 9223372036854775807\n", [], "train.seed: expected a value <= 4294967295"),
+    ("[train]\nepochs = 1000000000000\n", [], "train.epochs: expected a value <= 1000000"),
+    ("[sync]\nstrategy = 'ssp'\n[sync.ssp]\nstaleness = 1000000\n", [], "sync.ssp.staleness: expected a value <= 1000"),
+    ("[output]\ndir = 'runs/{foo}'\n", [], "output.dir: 'runs/{foo}' is not a valid folder pattern"),
+    ("[output]\ndir = 'runs/{name'\n", [], "output.dir: 'runs/{name' is not a valid folder pattern"),
+    ("[train]\non_nonfinite = 'ignore'\n", [], "train.on_nonfinite: expected one of 'stop', 'skip'"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, overrides, message):
     with pytest.raises(UserError) as e:
@@ -184,3 +196,10 @@ def test_cross_section_checks_pass():
 def test_missing_job_file(tmp_path):
     with pytest.raises(UserError, match="no such job file"):
         config.load(tmp_path / "nope.toml")
+
+
+def test_job_file_that_is_not_utf8(tmp_path):
+    p = tmp_path / "job.toml"
+    p.write_bytes(b"[train]\nepochs = 3 # \xff\n")
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        config.load(p)

@@ -81,3 +81,49 @@ def test_allreduce_traffic_is_one_gradient_per_step(world, shared_tmp, digits_h5
     row, model = train(cfg, world, world.logger())
     n_params = sum(p.numel() for p in model.parameters())
     assert row["comm_bytes_per_step"] == 4 * n_params, (row, n_params)
+
+
+@pytest.fixture
+def digits_with_a_nan(world, shared_tmp, digits_h5):
+    """digits with one NaN pixel in training sample 5."""
+    import h5py
+
+    path = shared_tmp / "nan.h5"
+    if world.is_root:
+        with h5py.File(digits_h5, "r") as src, h5py.File(path, "w") as dst:
+            for split in ("train", "test"):
+                x = src[f"{split}/x"][:]
+                if split == "train":
+                    x[5, 0, 0] = np.nan
+                dst[f"{split}/x"], dst[f"{split}/y"] = x, src[f"{split}/y"][:]
+    world.barrier()
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["allreduce", "local_sgd", "ps_sync"])
+def test_non_finite_loss_stops_before_applying_it(world, shared_tmp, digits_with_a_nan, make_cfg, strategy):
+    from mpitrain import checkpoint
+    from mpitrain.faults import Diverged
+
+    cfg = make_cfg(shared_tmp / "stop", digits_with_a_nan, data={"check_finite": False, "shuffle": "none",
+                                                                   "mode": "replicated"},
+                   model={"name": "mlp", "hidden": [16]}, sync={"strategy": strategy},
+                   train={"batch_size": 4, "epochs": 1}, output={"checkpoint_every": 1})
+    bad_step = 5 // (4 * world.size) + 1  # sample 5 of the unshuffled set
+    with pytest.raises(Diverged, match=rf"non-finite loss in step {bad_step} on rank \d") as e:
+        train(cfg, world, world.logger())
+    assert e.value.agreed and e.value.exit_code == 4
+    if world.is_root:  # the newest checkpoint is the good step before
+        names = [p.name for p in checkpoint.list_checkpoints(shared_tmp / "stop")]
+        assert names[:1] == ([f"ckpt-{bad_step - 1:09d}.h5"] if bad_step > 1 else [])
+
+
+def test_non_finite_loss_skipped_on_every_rank(world, shared_tmp, digits_with_a_nan, make_cfg):
+    cfg = make_cfg(shared_tmp / "skip", digits_with_a_nan, data={"check_finite": False, "mode": "replicated"},
+                   model={"name": "mlp", "hidden": [16]}, train={"batch_size": 4, "epochs": 1,
+                                                                  "on_nonfinite": "skip"})
+    row, model = train(cfg, world, world.logger())
+    assert row["skipped_steps"] == 1, row
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    got = world.allgather(flat_params(model).numpy())
+    assert all(np.array_equal(got[0], g) for g in got)

@@ -112,12 +112,19 @@ class World:
         return self.comm.allreduce(x, op=MPI.SUM)
 
     def max(self, x):
-        """Collective: the largest value over ranks."""
-        return self.comm.allreduce(x, op=MPI.MAX)
+        """Collective: the largest value over ranks (element-wise for a numpy array)."""
+        return self._reduce(x, MPI.MAX)
 
     def min(self, x):
-        """Collective: the smallest value over ranks."""
-        return self.comm.allreduce(x, op=MPI.MIN)
+        """Collective: the smallest value over ranks (element-wise for a numpy array)."""
+        return self._reduce(x, MPI.MIN)
+
+    def _reduce(self, x, op):
+        if isinstance(x, np.ndarray):
+            out = np.array(x, dtype=np.float64)
+            self.comm.Allreduce(MPI.IN_PLACE, out, op=op)
+            return out
+        return self.comm.allreduce(x, op=op)
 
     def any(self, flag: bool) -> bool:
         """Collective: whether the flag is true on any rank."""

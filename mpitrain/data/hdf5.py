@@ -103,6 +103,9 @@ def load(cfg, world) -> tuple[Split, Split | None, Meta]:
     hi = max((int(s.y.max()) for s in splits if len(s.y)), default=0)
     lo, hi = world.min(lo), world.max(hi)
     num_classes = num_classes or hi + 1
+    if num_classes > MAX_CLASSES:
+        raise AgreedError(f"{path}: labels up to {hi} mean {hi + 1} classes (at most {MAX_CLASSES}); "
+                          "labels must be class indices 0..C-1")
     if lo < 0 or hi >= num_classes:
         raise AgreedError(f"{path}: labels must lie in [0, {num_classes}), found [{lo}, {hi}]")
     if num_classes < 2:
@@ -123,11 +126,25 @@ def _load_open(f, cfg, world):
     n = train_x.shape[0]
     if cfg.mode == "partitioned" and n < world.size:
         raise UserError(f"{cfg.path}: {n} training samples cannot be partitioned over {world.size} ranks")
-    num_classes = int(f.attrs.get("num_classes", 0)) or None
+    num_classes = _num_classes(f, cfg.path)
     splits = [_read_split(train_x, train_y, cfg, world, replicated=cfg.mode == "replicated")]
     if test_ds:
         splits.append(_read_split(*test_ds, cfg, world, replicated=False))
     return splits, num_classes
+
+
+MAX_CLASSES = 2**20
+
+
+def _num_classes(f, path) -> int | None:
+    """The file's num_classes attribute (optional), checked."""
+    raw = f.attrs.get("num_classes")
+    if raw is None:
+        return None
+    v = np.asarray(raw)
+    if v.ndim != 0 or v.dtype.kind not in "iu" or not 2 <= int(v) <= MAX_CLASSES:
+        raise UserError(f"{path}: attribute num_classes must be an integer in [2, {MAX_CLASSES}], got {raw!r}")
+    return int(v)
 
 
 def _read_split(x, y, cfg, world, replicated: bool) -> Split:
@@ -139,4 +156,10 @@ def _read_split(x, y, cfg, world, replicated: bool) -> Split:
     collective = (n // world.size if not replicated else n) >= n_reads
     xs = _read_rows(x, lo, hi, n_reads, collective)
     ys = _read_rows(y, lo, hi, n_reads, collective).astype(np.int64)
-    return Split(xs.astype(np.float32, copy=False), ys, lo, n)
+    xs = xs.astype(np.float32, copy=False)
+    if cfg.check_finite and x.dtype.kind == "f":
+        bad = ~np.isfinite(xs.reshape(len(xs), -1)).all(axis=1)
+        if bad.any():
+            raise UserError(f"{cfg.path}: {x.name} row {lo + int(np.argmax(bad))} is not finite (NaN or inf; "
+                            f"{int(bad.sum())} such rows here): fix the data, or set data.check_finite = false")
+    return Split(xs, ys, lo, n)

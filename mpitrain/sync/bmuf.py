@@ -11,7 +11,7 @@ from .helpers import Every, FlatParams, LocalSteps, load_arrays, to_arrays
 
 @dataclass(frozen=True)
 class Options:
-    period: int = opt(4, gt=0, help="local steps per block (τ)")
+    period: int = opt(4, gt=0, max=10**6, help="local steps per block (τ)")
     momentum: float = opt(-1.0, min=-1.0, help="block momentum η (-1 = 1 - 1/N)")
     lr: float = opt(1.0, gt=0.0, help="block learning rate ζ")
     nesterov: bool = opt(True, help="restart from W_g + ηΔ (Nesterov) or W_g")

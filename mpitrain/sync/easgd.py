@@ -15,7 +15,7 @@ from .helpers import Every, FlatParams, LocalSteps, load_arrays, to_arrays
 
 @dataclass(frozen=True)
 class Options:
-    period: int = opt(4, gt=0, help="local steps between elastic updates (τ)")
+    period: int = opt(4, gt=0, max=10**6, help="local steps between elastic updates (τ)")
     beta: float = opt(0.9, gt=0.0, help="center moving rate x p (β)")
     alpha: float = opt(0.0, min=0.0, help="worker moving rate (0 = β/p)")
 

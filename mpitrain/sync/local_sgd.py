@@ -11,7 +11,7 @@ from .helpers import Every, FlatParams, LocalSteps
 
 @dataclass(frozen=True)
 class Options:
-    period: int = opt(4, gt=0, help="steps between averages (1 = synchronous SGD)")
+    period: int = opt(4, gt=0, max=10**6, help="steps between averages (1 = synchronous SGD)")
 
 
 @dataclass(frozen=True)

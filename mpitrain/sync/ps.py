@@ -34,7 +34,7 @@ class Options:
 
 @dataclass(frozen=True)
 class SSPOptions(Options):
-    staleness: int = opt(3, min=0, help="clocks a worker may run ahead of the slowest (0 = ps_sync)")
+    staleness: int = opt(3, min=0, max=1000, help="clocks a worker may run ahead of the slowest (0 = ps_sync)")
 
 
 @dataclass(frozen=True)

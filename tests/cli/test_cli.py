@@ -306,6 +306,32 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, digits, mpirun):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tiny tmpfs as the full disk (needs root)")
+def test_disk_full_while_appending_metrics_ends_the_job_at_once(tmp_path, digits, mpirun):
+    """Only rank 0 writes metrics.jsonl: its failure is its own, so it prints one line and
+    aborts the job (never a hang in a collective), and leaves no torn line."""
+    import json
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(run)], check=True)
+    try:
+        t0 = time.monotonic()
+        r = mpirun(2, *_train_args(digits, run, "--set", "train.epochs=60", "--set", "output.checkpoint_every=0"),
+                   timeout=120)
+        took = time.monotonic() - t0
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "mpitrain: error (rank 0):" in r.stderr and "cannot append the epoch" in r.stderr, r.stderr[-2000:]
+        assert "No space left on device" in r.stderr
+        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        assert rows and [row["epoch"] for row in rows] == list(range(1, len(rows) + 1))
+        assert took < 60, took
+    finally:
+        subprocess.run(["umount", str(run)], check=False)
+
+
+@pytest.mark.timeout(300)
 def test_watchdog_aborts_a_hung_job_naming_the_rank(tmp_path, digits, mpirun):
     import time
 

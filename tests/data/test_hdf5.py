@@ -88,6 +88,9 @@ BAD = [
     ({"train/y": np.array([-1] + [0] * 39)}, "labels must lie in"),
     ({"train/x": np.zeros((0, 5), np.float32), "train/y": np.zeros(0, np.int64)}, "empty split"),
     ({"train/y": np.zeros((40, 2), np.int64)}, "labels must be 1-D"),
+    ({"train/x": np.where(np.arange(200).reshape(40, 5) == 17, np.nan, 0.5).astype(np.float32)},
+     "train/x row 3 is not finite"),
+    ({"train/y": np.array([10**9] + [0] * 39)}, "labels up to 1000000000 mean 1000000001 classes"),
 ]
 
 
@@ -130,3 +133,26 @@ def test_fewer_samples_than_ranks(world, shared_tmp):
     world.barrier()
     with pytest.raises(AgreedError, match="cannot be partitioned over"):
         hdf5.load(DataCfg(path=str(shared_tmp / "tiny.h5")), world)
+
+
+@pytest.mark.parametrize("value", ["ten", 10**9, 1, 2.5])
+def test_bad_num_classes_attribute(world, shared_tmp, value):
+    path = shared_tmp / "attr.h5"
+    if world.is_root:
+        _bad_file(path)
+        with h5py.File(path, "a") as f:
+            f.attrs["num_classes"] = value
+    world.barrier()
+    with pytest.raises(AgreedError, match="attribute num_classes must be an integer"):
+        hdf5.load(DataCfg(path=str(path)), world)
+
+
+def test_non_finite_check_can_be_turned_off(world, shared_tmp):
+    path = shared_tmp / "nan.h5"
+    if world.is_root:
+        x = np.full((40, 5), 0.5, np.float32)
+        x[3, 1] = np.inf
+        _bad_file(path, **{"train/x": x})
+    world.barrier()
+    train, _, _ = hdf5.load(DataCfg(path=str(path), check_finite=False), world)
+    assert train.total == 40
