@@ -7,6 +7,8 @@ Layout (`h5ls -r` shows it):
     /optimizer/state/<param index>/<key>, attrs param_groups (JSON)
     /strategy/<key>  strategy state (BMUF/EASGD center, parameter-store optimizer state)
     /rng/torch_cpu   (ranks, n) uint8: every rank's torch CPU generator state
+    /ranks/<r>/<key> (strategies whose replicas differ) every rank's own state before the
+                     checkpoint consolidated it: param.<name>, optim.<index>.<key>, strategy.<key>
 Every dataset carries a `crc32` attribute over its bytes, and the file ends with a trailer
 `\nmpitrain-sha256 <64 hex>\n` over all the bytes before it (HDF5 ignores bytes past its
 end of file), so attributes and metadata are covered too: a file is verified with plain
@@ -26,7 +28,7 @@ import os
 import re
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -82,6 +84,7 @@ class Snapshot:
     param_groups: list[dict]
     strategy_state: dict[str, np.ndarray]
     rng: np.ndarray  # (ranks, n) uint8
+    rank_state: list[dict[str, np.ndarray]] = field(default_factory=list)  # every rank's own, or none
     mpitrain_version: str = __version__
 
 
@@ -116,6 +119,10 @@ def write(path: Path, snap: Snapshot) -> float:
         for k, v in snap.strategy_state.items():
             _put(s, k, v)
         _put(f.create_group("rng"), "torch_cpu", snap.rng)
+        for r, arrays in enumerate(snap.rank_state):
+            g = f.require_group("ranks").create_group(str(r))
+            for k, v in arrays.items():
+                _put(g, k, v)
         f.flush()
         image = f.id.get_file_image()
     try:
@@ -163,6 +170,7 @@ def read(path: Path) -> Snapshot:
                 optimizer_state={k: arrays(g) for k, g in f["optimizer/state"].items()},
                 param_groups=json.loads(f["optimizer"].attrs["param_groups"]),
                 strategy_state=arrays(f["strategy"]), rng=arrays(f["rng"])["torch_cpu"],
+                rank_state=[arrays(f[f"ranks/{r}"]) for r in range(len(f["ranks"]))] if "ranks" in f else [],
                 mpitrain_version=str(f.attrs["mpitrain_version"]))
             if bad:
                 raise UserError(f"{path}: checksum mismatch in {', '.join(bad[:3])}")

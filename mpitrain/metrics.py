@@ -39,20 +39,20 @@ class MetricsLog:
                             f"{e.strerror or e}") from None
 
 
-def trim(path: Path, step: int) -> int:
-    """Keep the rows of metrics.jsonl up to `step` (a resumed run writes the later ones
-    again); lines that are not JSON rows (torn by a crash) are dropped. Returns how many
-    lines were dropped that way."""
+def trim(path: Path, step: int, epochs: int | None = None) -> int:
+    """Keep the rows of metrics.jsonl up to `step` and, if given, of the first `epochs`
+    epochs (a resumed run writes the later ones again, so none is repeated); lines that are
+    not JSON rows (torn by a crash) are dropped. Returns how many lines were dropped so."""
     keep, torn = [], 0
     for ln in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(ln)
-            ok = isinstance(row, dict) and isinstance(row.get("step"), int)
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("epoch"), int)
         except json.JSONDecodeError:
             ok = False
         if not ok:
             torn += bool(ln.strip())
-        elif row["step"] <= step:
+        elif row["step"] <= step and (epochs is None or row["epoch"] <= epochs):
             keep.append(ln)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))

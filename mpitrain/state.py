@@ -46,9 +46,13 @@ def save(job, pos: Position) -> str:
     A failure (e.g. disk full) leaves the previous checkpoints untouched and is raised as
     one AgreedError on every rank."""
     world, strategy = job.world, job.strategy
+    # where the replicas differ (local steps), every rank's own state is saved as it was
+    # before consolidation and put back afterwards: a checkpoint never changes training
+    own = None if strategy.sums_gradients else _own_state(job)
     with strategy.consolidated():  # the model every rank agrees on
         sstate = strategy.state_dict() if isinstance(strategy, sync.Stateful) else {}
         rng = world.gather(torch.get_rng_state().numpy())
+        every_own = world.gather(own) if own is not None else None
         finite = all(bool(torch.isfinite(p).all()) for p in job.model.parameters())
         if not world.bcast(finite):
             raise Diverged(f"parameters are not finite at step {pos.step}: checkpoint not written", agreed=True)
@@ -58,7 +62,8 @@ def save(job, pos: Position) -> str:
                 step=pos.step, epoch=pos.epoch, samples_in_epoch=pos.samples_in_epoch, world_size=world.size,
                 strategy=job.cfg.sync.strategy, model_name=job.cfg.model.name, config=job.cfg.dumps(),
                 model={k: v.detach().cpu().numpy() for k, v in job.model.state_dict().items()},
-                **_optimizer_arrays(job.optimizer), strategy_state=sstate, rng=np.stack(rng))
+                **_optimizer_arrays(job.optimizer), strategy_state=sstate, rng=np.stack(rng),
+                rank_state=every_own or [])
             try:
                 secs = checkpoint.write(path, snap)
                 checkpoint.prune(job.run_dir, job.cfg.output.keep)
@@ -69,7 +74,48 @@ def save(job, pos: Position) -> str:
                 err = (f"checkpoint at step {pos.step} failed: {e.strerror or e}; "
                        + (f"previous checkpoint {prev[0].name} intact" if prev else "no earlier checkpoint"))
         world.raise_any(world.bcast(err))
+    if own is not None:
+        _load_own_state(job, own)
     return str(path)
+
+
+def _own_state(job) -> dict[str, np.ndarray]:
+    """This rank's parameters, local optimizer state and strategy state, as arrays."""
+    out = {f"param.{k}": v.detach().cpu().numpy().copy() for k, v in job.model.state_dict().items()}
+    for i, entries in _optimizer_arrays(job.optimizer)["optimizer_state"].items():
+        out.update({f"optim.{i}.{k}": v for k, v in entries.items()})
+    if isinstance(job.strategy, sync.Stateful):
+        out.update({f"strategy.{k}": v for k, v in job.strategy.state_dict().items()})
+    return out
+
+
+def _load_own_state(job, own: dict[str, np.ndarray]) -> None:
+    """Put back what _own_state saved (after setup: the strategy's state too)."""
+    params = {k[6:]: v for k, v in own.items() if k.startswith("param.")}
+    with torch.no_grad():
+        for k, t in job.model.state_dict().items():
+            t.copy_(torch.from_numpy(np.asarray(params[k])).view_as(t))
+    if isinstance(job.strategy, sync.Stateful):
+        job.strategy.load_state_dict({k[9:]: v for k, v in own.items() if k.startswith("strategy.")})
+
+
+def _own_optimizer_state(own: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    state: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in own.items():
+        if k.startswith("optim."):
+            i, key = k[6:].split(".", 1)
+            state.setdefault(i, {})[key] = v
+    return state
+
+
+def restore_strategy(job, snap: checkpoint.Snapshot) -> None:
+    """Collective, after the strategy's setup (which makes the replicas equal): this rank's
+    own parameters and strategy state where the checkpoint has them for this world size
+    (exact resume), else the consolidated strategy state."""
+    if len(snap.rank_state) == job.world.size:
+        _load_own_state(job, snap.rank_state[job.world.rank])
+    elif isinstance(job.strategy, sync.Stateful):
+        job.strategy.load_state_dict(snap.strategy_state)
 
 
 def _check_position(job, snap: checkpoint.Snapshot) -> None:
@@ -90,12 +136,12 @@ def _check_position(job, snap: checkpoint.Snapshot) -> None:
         raise UserError(f"checkpoint at step {snap.step} does not fit this job: {'; '.join(problems)}")
 
 
-def _load_optimizer(job, snap: checkpoint.Snapshot) -> None:
+def _load_optimizer(job, optimizer_state, param_groups) -> None:
     opt = job.optimizer
     mine = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
     params = [p for g in opt.param_groups for p in g["params"]]
     state = {}
-    for i, entries in snap.optimizer_state.items():
+    for i, entries in optimizer_state.items():
         if not str(i).isdigit() or int(i) >= len(params):
             raise UserError(f"checkpoint optimizer state names parameter {i!r}; this job has {len(params)}")
         p, state[int(i)] = params[int(i)], {}
@@ -106,7 +152,7 @@ def _load_optimizer(job, snap: checkpoint.Snapshot) -> None:
                                 f"its parameter has {tuple(p.shape)}")
             state[int(i)][k] = torch.from_numpy(np.array(a)) if a.ndim or k != "step" else torch.tensor(float(a))
     try:
-        opt.load_state_dict({"state": state, "param_groups": snap.param_groups})
+        opt.load_state_dict({"state": state, "param_groups": param_groups})
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint optimizer state does not fit optim.name = {job.cfg.optim.name!r}: {e}") from None
     for g, want in zip(opt.param_groups, mine):
@@ -144,17 +190,24 @@ def find(job) -> checkpoint.Snapshot | None:
 def restore(job, snap: checkpoint.Snapshot) -> Position:
     """Load a snapshot into the (not yet set up) model and optimizer on this rank, after
     checking it fits the job. The checkpoint supplies state; hyperparameters (momentum,
-    weight decay, betas, base lr, ...) come from the job file, a changed one is logged."""
+    weight decay, betas, base lr, ...) come from the job file, a changed one is logged.
+    Where the checkpoint holds every rank's own state and the world size is the same, each
+    rank continues from its own (exact resume); otherwise every rank starts from the
+    consolidated model and rank 0's optimizer state (a new world size, or replicas that
+    never differ)."""
     _check_position(job, snap)
+    own = snap.rank_state[job.world.rank] if len(snap.rank_state) == job.world.size else None
+    model = {k[6:]: v for k, v in own.items() if k.startswith("param.")} if own else snap.model
     model_sd = job.model.state_dict()
-    if set(snap.model) != set(model_sd) or any(tuple(snap.model[k].shape) != tuple(v.shape)
-                                               for k, v in model_sd.items()):
+    if set(model) != set(model_sd) or any(tuple(np.shape(model[k])) != tuple(v.shape)
+                                          for k, v in model_sd.items()):
         raise UserError(f"checkpoint from another model: it holds {snap.model_name} with "
-                        f"{sum(a.size for a in snap.model.values()):,} values, this job builds "
+                        f"{sum(np.size(a) for a in model.values()):,} values, this job builds "
                         f"{job.cfg.model.name} with {sum(v.numel() for v in model_sd.values()):,}")
-    job.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in snap.model.items()})
-    if snap.optimizer_state or snap.param_groups:
-        _load_optimizer(job, snap)
+    job.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.items()})
+    opt_state = _own_optimizer_state(own) if own else snap.optimizer_state
+    if opt_state or snap.param_groups:
+        _load_optimizer(job, opt_state, snap.param_groups)
     # the LR schedule is a closed form of the step (LambdaLR): jump to it in O(1)
     job.schedule.last_epoch = snap.step - 1
     with warnings.catch_warnings():
@@ -163,4 +216,7 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
     r = job.world.rank
     if r < len(snap.rng):
         torch.set_rng_state(torch.from_numpy(np.array(snap.rng[r])))
+    if snap.rank_state and own is None and job.world.is_root:
+        job.log.info(f"checkpoint written at {len(snap.rank_state)} ranks, resuming at {job.world.size}: every "
+                     "rank starts from the consolidated model and rank 0's optimizer state")
     return Position(snap.step, snap.epoch, snap.samples_in_epoch, snap)

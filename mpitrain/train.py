@@ -120,8 +120,8 @@ def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
         job = workers.agree_job(build, cfg, workers, log, resources)  # servers learn of a failure too
         pos = resume(job)
         job.strategy.setup(job.model, job.optimizer, resources)
-        if pos.snapshot is not None and isinstance(job.strategy, sync.Stateful):
-            job.strategy.load_state_dict(pos.snapshot.strategy_state)
+        if pos.snapshot is not None:
+            state.restore_strategy(job, pos.snapshot)
         dog = Watchdog(workers, cfg.train.watchdog_s)
         resources.callback(dog.close)
         return loop(job, pos, stop_flag(), dog), job.model
@@ -147,7 +147,10 @@ def reset_metrics(job: Job, pos: state.Position) -> None:
         if pos.snapshot is None:
             path.write_text("")
             return
-        torn = trim_metrics(path, pos.step)
+        t = job.cfg.train
+        finished = pos.epoch >= t.epochs or pos.step >= (t.max_steps or float("inf"))
+        # an unfinished epoch is trained (and its row written) again from the position
+        torn = trim_metrics(path, pos.step, None if finished else pos.epoch)
     except OSError as e:
         raise UserError(f"{path}: cannot rewrite: {e.strerror or e}") from None
     if torn:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..options import opt
 from .base import register
-from .helpers import Every, FlatParams, LocalSteps, load_arrays, to_arrays
+from .helpers import Every, FlatParams, LocalSteps
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class BMUF(LocalSteps):
         self.global_w = self.flat.data.clone()
         self.start = self.flat.data.clone()  # where the workers began this block
         self.delta = self.flat.data.new_zeros(self.flat.data.shape)
+        self.replicated = {"global_w": self.global_w, "delta": self.delta, "start": self.start}
         if self.log and self.world.is_root:
             self.log.info(f"bmuf: block {self.options.period} steps, block momentum {self.eta:.3f}, block lr "
                           f"{self.zeta}, {'Nesterov' if self.options.nesterov else 'plain'}")
@@ -55,9 +56,3 @@ class BMUF(LocalSteps):
         if self.options.nesterov:
             self.start.add_(self.delta, alpha=self.eta)
         self.flat.data.copy_(self.start)
-
-    def state_dict(self):
-        return to_arrays(global_w=self.global_w, delta=self.delta, start=self.start)
-
-    def load_state_dict(self, arrays):
-        load_arrays(arrays, global_w=self.global_w, delta=self.delta, start=self.start)

@@ -10,7 +10,7 @@ import torch
 from ..options import opt
 from . import kvstore
 from .base import register
-from .helpers import Every, FlatParams, LocalSteps, load_arrays, to_arrays
+from .helpers import Every, FlatParams, LocalSteps
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class EASGD(LocalSteps):
         self.flat = FlatParams(model)
         self.block = Every(self.options.period, self._elastic_update)
         self.x_center = self.flat.data.clone()
+        self.replicated = {"x_center": self.x_center}
 
     @contextlib.contextmanager
     def consolidated(self):
@@ -65,12 +66,6 @@ class EASGD(LocalSteps):
         diff = self.world.allreduce_(self.flat.data - self.x_center)
         self.x_center.add_(diff, alpha=self.beta / self.world.size)
         self.flat.data.sub_(self.flat.data - self.x_center, alpha=self.alpha)
-
-    def state_dict(self):
-        return to_arrays(x_center=self.x_center)
-
-    def load_state_dict(self, arrays):
-        load_arrays(arrays, x_center=self.x_center)
 
 
 @register("easgd_async")
@@ -106,9 +101,11 @@ class AsyncEASGD(LocalSteps):
         self.kv.add("center", diff)
 
     def state_dict(self):
-        state = self.kv.state_dict()  # complete on rank 0 only
-        return {"x_center": state["center.value"]} if state else {}
+        """Collective: the block position and (rank 0) the center from the store."""
+        center = self.kv.state_dict().get("center.value")  # complete on rank 0 only
+        return super().state_dict() | ({"x_center": center} if center is not None else {})
 
     def load_state_dict(self, arrays):
-        if "x_center" in arrays:
-            self.kv.load_state_dict({"center.value": arrays["x_center"]})
+        """Collective."""
+        super().load_state_dict(arrays)
+        self.kv.load_state_dict({"center.value": arrays["x_center"]} if "x_center" in arrays else {})

@@ -75,10 +75,13 @@ class Every:
 
 
 class LocalSteps:
-    """The step hooks of a strategy that steps each rank on its own gradient and runs
-    `self.block` (an `Every`, made in setup) every few steps and at each consolidation."""
+    """The step hooks and checkpoint state of a strategy that steps each rank on its own
+    gradient and runs `self.block` (an `Every`, made in setup) every few steps and at each
+    consolidation. Its state: the steps into the current block and the tensors named in
+    `self.replicated` (identical on every rank, e.g. a center)."""
 
     sums_gradients = False
+    replicated: dict[str, torch.Tensor] = {}
 
     def after_backward(self, step):
         pass
@@ -90,6 +93,14 @@ class LocalSteps:
     def consolidated(self):
         self.block.flush()
         yield
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"block_count": np.array(self.block.count)} | to_arrays(**self.replicated)
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        if "block_count" in arrays:
+            self.block.count = int(arrays["block_count"])
+        load_arrays(arrays, **self.replicated)
 
 
 def to_arrays(**tensors: torch.Tensor) -> dict[str, np.ndarray]:
