@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .comm import heartbeat
 from .errors import UserError
 
 FORMAT = "mpitrain-checkpoint"
@@ -42,6 +43,7 @@ FORMAT_VERSION = 1
 NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
 
 
+CHUNK = 16 * 2**20  # bytes per write (a watchdog tick each)
 TRAILER = b"\nmpitrain-sha256 "
 TRAILER_LEN = len(TRAILER) + 64 + 1
 
@@ -54,6 +56,8 @@ def verified_bytes(path: Path) -> bytes:
     """The HDF5 bytes of a checkpoint whose whole-file checksum matches (plain reads only)."""
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
     image, trailer = data[:-TRAILER_LEN], data[-TRAILER_LEN:]
@@ -89,6 +93,7 @@ class Snapshot:
 
 
 def _put(g: h5py.Group, name: str, a) -> None:
+    heartbeat.tick()
     a = np.asarray(a)
     d = g.create_dataset(name, data=a)
     d.attrs["crc32"] = crc(a)
@@ -127,7 +132,10 @@ def write(path: Path, snap: Snapshot) -> float:
         image = f.id.get_file_image()
     try:
         with open(tmp, "wb") as fh:
-            fh.write(image)
+            view = memoryview(image)
+            for at in range(0, len(view), CHUNK):  # the watchdog sees a long write progress
+                fh.write(view[at:at + CHUNK])
+                heartbeat.tick()
             fh.write(_trailer(image))
             fh.flush()
             os.fsync(fh.fileno())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -139,6 +140,19 @@ def _run(args, world, log) -> None:
         getattr(bench, args.what)(args, world, log)
 
 
+def _startup_watchdog_s() -> float:
+    """MPITRAIN_WATCHDOG_S (default 600): the watchdog's limit until a job file sets its own."""
+    raw = os.environ.get("MPITRAIN_WATCHDOG_S", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        print(f"mpitrain: error: MPITRAIN_WATCHDOG_S={raw!r}: expected seconds >= 0 (0 = off)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    return value
+
+
 def _serial_data(args, prepare):
     if args.what == "digits":
         return prepare.digits(args.out, args.test_fraction, args.seed)
@@ -146,27 +160,35 @@ def _serial_data(args, prepare):
 
 
 def main(argv=None) -> None:
-    from .faults import stop_flag
+    from .faults import Watchdog, stop_flag
 
     stop_flag()  # catch SIGTERM/SIGUSR1/SIGINT from the very start
     args = _parser().parse_args(argv)
     from .comm import World
     from .comm.world import exit_cleanly
 
+    # watched from the first collective on; train.watchdog_s replaces the start-up limit
+    dog = Watchdog(_startup_watchdog_s())
     world = World.create()
+    dog.attach(world)
     log = world.logger()
+
+    def leave(code: int) -> None:  # every rank leaves the same way: no watchdog thread in Finalize
+        dog.stop()
+        exit_cleanly(code)
     try:
         _run(args, world, log)
+        dog.close()
     except Stopped as e:  # every rank agreed to stop and the checkpoint is written
         if world.is_root:
             log.warning(str(e))
-        exit_cleanly(EXIT_STOPPED)
+        leave(EXIT_STOPPED)
     except UserError as e:
         if args.debug:
             raise
         if e.agreed:  # every rank has it: rank 0 prints, all exit cleanly
             if world.is_root:
                 print(f"mpitrain: error: {e}", file=sys.stderr, flush=True)
-            exit_cleanly(e.exit_code)
+            leave(e.exit_code)
         print(f"mpitrain: error (rank {world.rank}): {e}", file=sys.stderr, flush=True)
         world.abort(e.exit_code)  # only this rank knows: end the others too

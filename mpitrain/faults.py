@@ -10,12 +10,16 @@ with EXIT_STOPPED, which a batch script can turn into a requeue.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import os
 import signal
 import sys
 import threading
 import time
 
-from .comm.heartbeat import Heartbeat
+from .comm import heartbeat
+from .comm.heartbeat import ALIVE, PROGRESS, STATE, STEP, Heartbeat
+from .comm.world import abort_job
 from .errors import UserError
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: "try again" -- stopped on request after a checkpoint
@@ -104,32 +108,63 @@ def inject_straggler(world, cfg_train, t_compute: float) -> None:
         time.sleep((cfg_train.slowdown_factor - 1) * (time.perf_counter() - t_compute))
 
 
-class Watchdog:
-    """Collective to create and to `close`: aborts the job when this rank sees no progress
-    for `timeout` s.
+PHASES = ("start-up", "loading data", "resuming", "training", "evaluation", "checkpoint", "teardown")
+_DOG: "Watchdog | None" = None
 
-    Every rank publishes the step it works on in a heartbeat window (`beat`). A thread
-    checks the age of the local beat; past the timeout it reads every rank's slot
-    (passive-target Get: the lagging rank need not cooperate), prints which ranks are
-    behind and at which step, and aborts the job, instead of hanging forever in a
-    collective or an RMA wait. A rank killed outright is handled faster by the launcher
-    (Open MPI ends the job when a process dies).
+
+def watchdog() -> "Watchdog | None":
+    """The process-wide watchdog, if one runs (cli.main starts it before anything else)."""
+    return _DOG
+
+
+class Watchdog:
+    """Collective to create and to `close`: ends the job (exit 3) when no rank has made
+    progress for `timeout` s, naming the ranks that are stopped or dead and what the others
+    wait in, instead of hanging forever in a collective or an RMA wait.
+
+    Its thread starts before anything collective, so a rank that never arrives at start-up
+    is caught too. Every rank publishes its step, phase and progress in a heartbeat window
+    (comm.heartbeat: steps, evaluated batches, checkpoint bytes written and data chunks read
+    all count as progress); the thread bumps an `alive` slot every poll. When this rank has
+    seen no progress of its own for `timeout` s it reads every rank's slots: if some rank is
+    still progressing (e.g. rank 0 writing a big checkpoint) it keeps waiting; if none is,
+    a rank whose `alive` slot stood still between two reads is stopped or dead (SIGSTOP,
+    swapped out, killed without the launcher noticing), and the job is aborted. A rank
+    killed outright is handled faster by the launcher (Open MPI ends the job).
+
+    The thread needs the GIL, which a C call may hold while it waits (h5py's collective
+    reads do): as a backstop, faulthandler's C-level timer, re-armed at every poll, dumps
+    every thread's traceback and exits the process after 2 x timeout + 10 s without a poll,
+    and the launcher then ends the job.
     """
 
-    def __init__(self, world, timeout: float):
-        self.world, self.timeout = world, timeout
-        self.heart = Heartbeat(world)
-        self.step, self.last = -1, time.monotonic()
+    def __init__(self, timeout: float, world=None):
+        self.world, self.timeout = None, timeout
+        self.step, self.state = 0, 0
+        self.heart: Heartbeat | None = None
         self._stop = threading.Event()
-        self._thread = None
-        if timeout > 0:
-            self._thread = threading.Thread(target=self._watch, name="mpitrain-watchdog", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._watch, name="mpitrain-watchdog", daemon=True)
+        self._thread.start()  # local until attached: the first collectives are watched too
+        if world is not None:
+            self.attach(world)
+
+    def attach(self, world) -> None:
+        """Collective: publish this rank's heartbeat to the others of `world`."""
+        global _DOG
+        self.world = world
+        self.heart = Heartbeat(world)
+        _DOG = self
+
+    def set_timeout(self, timeout: float) -> None:
+        """Seconds without progress anywhere before the job is aborted (0 = never)."""
+        self.timeout = timeout
+        heartbeat.tick()
 
     def beat(self, step: int, waiting: bool = False) -> None:
         """This rank now works on `step` (computing, or waiting on the others)."""
-        self.step, self.last = step, time.monotonic()
-        self.heart.set(2 * step + int(waiting))
+        self.step, self.state = step, (self.state & ~1) | int(waiting)
+        if self.heart is not None:
+            self.heart.set(step, self.state)
 
     @contextlib.contextmanager
     def waiting(self, step: int):
@@ -138,23 +173,76 @@ class Watchdog:
         yield
         self.beat(step, waiting=True)
 
-    def _watch(self):
-        while not self._stop.wait(min(1.0, self.timeout / 4)):
-            idle = time.monotonic() - self.last
-            if idle < self.timeout:
-                continue
-            steps = self.heart.read_all()
-            ahead = max(steps)
-            behind = [f"{r} ({'waiting in' if s % 2 else 'computing'} step {s // 2})"
-                      for r, s in enumerate(steps) if s < ahead]
-            print(f"mpitrain: watchdog on rank {self.world.rank}: no progress for {idle:.0f} s in step "
-                  f"{self.step}; ranks behind: {', '.join(behind) or 'none (all stuck at the same point)'}; "
-                  f"aborting (exit {EXIT_HANG})", file=sys.stderr, flush=True)
-            self.world.abort(EXIT_HANG)
+    def enter(self, name: str) -> None:
+        """This rank is now in phase `name` (one of PHASES)."""
+        self.state = 2 * PHASES.index(name)
+        self.beat(self.step)
 
-    def close(self):
-        """Collective."""
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Within the block this rank is in phase `name`; afterwards where it was."""
+        before = self.state
+        self.enter(name)
+        yield
+        self.state = before
+        self.beat(self.step, waiting=bool(before & 1))
+
+    def _watch(self):
+        seen = None
+        while not self._stop.wait(min(1.0, self.timeout / 4) if self.timeout > 0 else 1.0):
+            if self.timeout > 0:  # the backstop for a main thread stuck in C holding the GIL (h5py)
+                faulthandler.dump_traceback_later(2 * self.timeout + 10, exit=True)
+            if self.heart is not None:
+                self.heart.alive()
+            idle = time.monotonic() - heartbeat.last_progress()
+            if self.timeout <= 0 or idle < self.timeout:
+                seen = None
+                continue
+            if self.heart is None:  # still creating the window: some rank never arrived
+                self._abort(f"no progress for {idle:.0f} s during start-up: not every rank reached it "
+                            "(a rank stopped, dead or stuck before the first collective)")
+            slots = self.heart.read_all()
+            if seen is None or (slots[:, PROGRESS] != seen[:, PROGRESS]).any():
+                if seen is not None:
+                    heartbeat.tick()  # another rank is progressing: we are only waiting on it
+                seen = slots
+                continue
+            self._abort(f"no progress on any rank for {idle:.0f} s; " + self._diagnose(slots, seen))
+
+    @staticmethod
+    def _diagnose(slots, seen) -> str:
+        """Which ranks are stopped (alive slot frozen) and what the others are doing."""
+        def doing(s):
+            phase = PHASES[min(int(s[STATE]) // 2, len(PHASES) - 1)]
+            return f"{'waiting in' if s[STATE] % 2 else 'computing'} step {s[STEP]} ({phase})"
+        stopped = [r for r in range(len(slots)) if slots[r, ALIVE] == seen[r, ALIVE]]
+        order = slots[:, STEP] * 2 + slots[:, STATE] % 2
+        behind = [f"{r} ({doing(slots[r])})" for r in range(len(slots)) if order[r] < order.max()]
+        parts = []
+        if stopped:
+            parts.append("stopped or dead: " + ", ".join(f"{r} (last {doing(slots[r])})" for r in stopped))
+        parts.append(f"ranks behind: {', '.join(behind) or 'none (all at the same point)'}")
+        others = [r for r in range(len(slots)) if r not in stopped]
+        if others:
+            parts.append("the others: " + ", ".join(f"{r} {doing(slots[r])}" for r in others[:8]))
+        return "; ".join(parts)
+
+    def _abort(self, why: str) -> None:
+        who = f"rank {self.world.rank}" if self.world is not None else f"pid {os.getpid()}"
+        print(f"mpitrain: watchdog on {who}: {why}; aborting (exit {EXIT_HANG})", file=sys.stderr, flush=True)
+        abort_job(EXIT_HANG)
+
+    def stop(self) -> None:
+        """Stop the thread (local; before leaving without the others, e.g. MPI_Finalize)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.heart.free()
+        self._thread.join()
+        faulthandler.cancel_dump_traceback_later()
+
+    def close(self) -> None:
+        """Collective."""
+        global _DOG
+        self.stop()
+        if _DOG is self:
+            _DOG = None
+        if self.heart is not None:
+            self.heart.free()

@@ -200,6 +200,7 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
     model = {k[6:]: v for k, v in own.items() if k.startswith("param.")} if own else snap.model
     model_sd = job.model.state_dict()
     if set(model) != set(model_sd) or any(tuple(np.shape(model[k])) != tuple(v.shape)
+                                          or np.asarray(model[k]).dtype.kind not in "fiub"
                                           for k, v in model_sd.items()):
         raise UserError(f"checkpoint from another model: it holds {snap.model_name} with "
                         f"{sum(np.size(a) for a in model.values()):,} values, this job builds "

@@ -18,7 +18,9 @@ from .config import Config
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler
 from .errors import UserError
-from .faults import Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag
+from .comm import heartbeat
+from .faults import (Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag,
+                     watchdog)
 from .metrics import MetricsLog, trim as trim_metrics
 from .models import build_model, build_optimizer, build_schedule
 
@@ -61,6 +63,7 @@ def evaluate(model, split, world, device, batch_size: int = 1024) -> dict:
     totals = np.zeros(3)  # loss sum, correct, count
     for a in range(lo, hi, batch_size):
         x, y = (torch.from_numpy(t).to(device) for t in split.take(np.arange(a, min(a + batch_size, hi))))
+        heartbeat.tick()
         out = model(x)
         totals += [F.cross_entropy(out, y, reduction="sum").item(), (out.argmax(1) == y).sum().item(), len(y)]
     loss, correct, count = world.sum(totals)
@@ -117,14 +120,22 @@ def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
         serve()
         return {}, None
     with collective_cleanup() as resources:
-        job = workers.agree_job(build, cfg, workers, log, resources)  # servers learn of a failure too
-        pos = resume(job)
-        job.strategy.setup(job.model, job.optimizer, resources)
-        if pos.snapshot is not None:
-            state.restore_strategy(job, pos.snapshot)
-        dog = Watchdog(workers, cfg.train.watchdog_s)
-        resources.callback(dog.close)
-        return loop(job, pos, stop_flag(), dog), job.model
+        dog = watchdog()
+        if dog is None:  # called from Python, not the command line: watch this run
+            dog = Watchdog(cfg.train.watchdog_s, world)
+            resources.callback(dog.close)
+        dog.set_timeout(cfg.train.watchdog_s)
+        with dog.phase("loading data"):
+            job = workers.agree_job(build, cfg, workers, log, resources)  # servers learn of a failure too
+        with dog.phase("resuming"):
+            pos = resume(job)
+            job.strategy.setup(job.model, job.optimizer, resources)
+            if pos.snapshot is not None:
+                state.restore_strategy(job, pos.snapshot)
+        with dog.phase("training"):
+            row = loop(job, pos, stop_flag(), dog)
+        resources.callback(dog.enter, "teardown")  # runs first: the release is watched too
+        return row, job.model
 
 
 def resume(job: Job) -> state.Position:
@@ -205,7 +216,7 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
                 checkpoint(job, here, signum)
         with dog.waiting(step):
             last = epoch == cfg.train.epochs - 1 or world.any(step >= max_steps)
-            with strategy.consolidated():
+            with strategy.consolidated(), dog.phase("evaluation"):
                 tested = (evaluate(model, job.test_split, world, device) if job.test_split is not None
                           and ((epoch + 1) % cfg.train.eval_every == 0 or last) else {})
             row = epoch_row(job, epoch, step, train_time, [loss_sum, local, world.bytes_sent() - sent,
@@ -217,7 +228,8 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
         if last:
             break
     if here.step % every or not sampler.lockstep:  # the final checkpoint (unless just written)
-        state.save(job, here)
+        with dog.phase("checkpoint"):
+            state.save(job, here)
     if world.is_root:
         job.log.info(f"outputs in {job.run_dir}/ (config.toml, metrics.jsonl, checkpoints)")
     return row
@@ -272,7 +284,8 @@ def agree_flags(job: Job, stop: StopFlag, loss: float, step: int) -> tuple[int, 
 
 def checkpoint(job: Job, here: state.Position, signum: int) -> None:
     """Collective: write a checkpoint; after an agreed stop signal, stop (exit 75)."""
-    path = state.save(job, here)
+    with watchdog().phase("checkpoint"):
+        path = state.save(job, here)
     if signum:
         raise Stopped(signal.Signals(signum).name, here.step, path)
 

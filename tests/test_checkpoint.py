@@ -117,3 +117,17 @@ def test_inspect_reports_validity(world, shared_tmp, digits_h5, make_cfg):
         bad.write_bytes(bytes(data[:1000]))
         with pytest.raises(UserError, match="INVALID: .*trailer"):
             checkpoint.describe(str(bad))
+
+
+def test_a_long_checkpoint_write_shows_progress(tmp_path):
+    """Every 16 MB written is a watchdog tick, so a big checkpoint never looks like a hang."""
+    import numpy as np
+
+    from mpitrain.comm import heartbeat
+
+    snap = checkpoint.Snapshot(step=1, epoch=0, samples_in_epoch=0, world_size=1, strategy="allreduce",
+                               model_name="mlp", config="", model={"w": np.zeros(50 * 2**20 // 4, np.float32)},
+                               optimizer_state={}, param_groups=[], strategy_state={}, rng=np.zeros((1, 8), np.uint8))
+    before = heartbeat._progress["count"]
+    checkpoint.write(tmp_path / "ckpt-000000001.h5", snap)
+    assert heartbeat._progress["count"] - before >= 50 // 16

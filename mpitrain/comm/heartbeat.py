@@ -1,38 +1,70 @@
-"""Heartbeat: one int64 slot per rank in an RMA window, readable without the owner's help."""
+"""Heartbeat: a few int64 slots per rank in an RMA window, readable without the owner's help.
+
+Slots: [step, state, progress, alive]. `state` is the caller's code for what the rank is
+doing; `progress` counts `tick()`s (any sign of work: a step, an evaluated batch, a chunk of
+a file written or read); `alive` is bumped by a thread that is only silent when the whole
+process is stopped or dead. Writing a slot is a local store (no MPI call), so ticks are
+cheap enough for inner loops.
+"""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 from mpi4py import MPI
 
+STEP, STATE, PROGRESS, ALIVE = range(4)
+_progress = {"count": 0, "when": time.monotonic()}
+_current: "Heartbeat | None" = None
+
+
+def tick() -> None:
+    """This process made progress."""
+    _progress["count"] += 1
+    _progress["when"] = time.monotonic()
+    if _current is not None:
+        _current._mine[PROGRESS] = _progress["count"]
+
+
+def last_progress() -> float:
+    """time.monotonic() of this process's last tick."""
+    return _progress["when"]
+
 
 class Heartbeat:
-    """Collective to create and to `free`. Each rank writes its own slot (a local store);
-    any rank reads every slot with passive-target Get, so a rank that hangs or is stopped
-    need not cooperate for the others to see where it is."""
+    """Collective to create and to `free`: this rank's slots, and a read of every rank's."""
 
     def __init__(self, world):
+        global _current
         self.comm = world.comm.Dup()
-        self.win = MPI.Win.Allocate(8, 8, comm=self.comm)
-        self._mine = np.frombuffer(self.win.tomemory(), dtype=np.int64, count=1)
-        self._mine[0] = 0
-        self.comm.Barrier()  # every slot is zeroed before anyone reads one
+        self.win = MPI.Win.Allocate(8 * 4, 8, comm=self.comm)
+        self._mine = np.frombuffer(self.win.tomemory(), dtype=np.int64, count=4)
+        self._mine[:] = 0
+        self._mine[PROGRESS] = _progress["count"]
+        self.comm.Barrier()  # every slot is initialised before anyone reads one
+        _current = self
 
-    def set(self, value: int) -> None:
-        self._mine[0] = value
+    def set(self, step: int, state: int) -> None:
+        self._mine[STEP], self._mine[STATE] = step, state
+        tick()
 
-    def read_all(self) -> list[int]:
-        out = []
-        for r in range(self.comm.Get_size()):
-            buf = np.zeros(1, np.int64)
+    def alive(self) -> None:
+        self._mine[ALIVE] += 1
+
+    def read_all(self) -> np.ndarray:
+        """(ranks, 4) int64: every rank's slots (passive target: nobody needs to cooperate)."""
+        out = np.zeros((self.comm.Get_size(), 4), np.int64)
+        for r in range(len(out)):
             self.win.Lock(r, MPI.LOCK_SHARED)
-            self.win.Get([buf, MPI.INT64_T], r)
+            self.win.Get([out[r], MPI.INT64_T], r)
             self.win.Unlock(r)
-            out.append(int(buf[0]))
         return out
 
     def free(self) -> None:
         """Collective."""
+        global _current
+        _current = None
         self.comm.Barrier()
         self.win.Free()
         self.comm.Free()

@@ -155,9 +155,7 @@ class World:
 
     def abort(self, code: int) -> None:
         """End the whole job now (every rank of every world) with exit code `code`."""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(code)
+        abort_job(code)
 
     # -- agreement on errors ------------------------------------------------------------------
     def agree(self, fn, *args, **kwargs):
@@ -229,6 +227,13 @@ class World:
 
 
 LAUNCH = "mpiexec -n N python -m mpi4py -m mpitrain"  # -m mpi4py: an exception on one rank aborts the job
+
+
+def abort_job(code: int) -> None:
+    """End the whole job now (every rank) with exit code `code`; needs no World."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(code)
 
 
 def library_version() -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from ..comm import heartbeat
 from ..errors import AgreedError, UserError
 
 
@@ -43,6 +44,7 @@ def _read_rows(dset, lo: int, hi: int, n_reads: int, collective: bool) -> np.nda
     out = np.empty((hi - lo,) + dset.shape[1:], dtype=dset.dtype)
     pos = 0
     for p in pieces:
+        heartbeat.tick()
         a, b = (int(p[0]), int(p[-1]) + 1) if len(p) else (lo, lo)
         if collective:
             with dset.collective:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.launcher
@@ -56,7 +57,63 @@ def bad_ckpt(tmp):
     return p
 
 
-def bad_cases(tmp, digits, np_):
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory, digits, mpirun):
+    """A real checkpoint of the bad-input cases' job (jobs/digits.toml), one step."""
+    run = tmp_path_factory.mktemp("good")
+    r = mpirun(1, "train", "jobs/digits.toml", "--set", f"data.path={digits}", "--set", f"output.dir={run}",
+               "--set", "train.max_steps=1", "--set", "train.progress=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return next(run.glob("ckpt-*.h5"))
+
+
+def crafted_ckpt(tmp, good, name, **change):
+    """The good checkpoint with fields replaced, written with valid checksums (so only the
+    load-time checks against the job can catch it)."""
+    import dataclasses
+
+    from mpitrain import checkpoint
+
+    snap = checkpoint.read(good)
+    if "momentum" in change:  # a momentum buffer of the wrong shape
+        snap.optimizer_state["0"]["momentum_buffer"] = np.zeros((3, 3), np.float32)
+        del change["momentum"]
+    if "model_text" in change:
+        snap.model[next(iter(snap.model))] = np.array(b"not an array")
+        del change["model_text"]
+    p = tmp / f"{name}" / "ckpt-000000001.h5"
+    p.parent.mkdir(exist_ok=True)
+    checkpoint.write(p, dataclasses.replace(snap, **change))
+    return p
+
+
+def nan_data(tmp):
+    import h5py
+
+    p = tmp / "nan.h5"
+    with h5py.File(p, "w") as f:
+        for split in ("train", "test"):
+            x = np.zeros((30, 8, 8), np.float32)
+            x[4, 2, 2] = np.nan
+            f[f"{split}/x"], f[f"{split}/y"] = x, np.arange(30) % 3
+    return p
+
+
+def attr_data(tmp, name, value):
+    import h5py
+
+    p = bad_data(tmp, name)
+    with h5py.File(p, "a") as f:
+        f.attrs["num_classes"] = value
+    return p
+
+
+CONFIG_ONLY = {"nan lr", "inf beta", "nan watchdog", "inf warmup", "dropout 1.5", "huge seed", "huge staleness",
+               "huge epochs", "output.dir {foo}", "output.dir {name", "wrong type", "negative size",
+               "unknown shuffle", "old flat sync key", "bad strategy option", "comm section"}
+
+
+def bad_cases(tmp, digits, np_, good_ckpt):
     (tmp / "bad.toml").write_text("[train]\nepoch = 3\n")
     (tmp / "broken.toml").write_text("[train\n")
     (tmp / "afile").write_text("")
@@ -87,7 +144,39 @@ def bad_cases(tmp, digits, np_):
         "wrong dtype": (ok + ["--set", f"data.path={bad_data(tmp, 'dtype', y=[0.5] * 30)}"],
                         "labels must be integers"),
         "corrupted checkpoint": (ok + ["--set", f"train.resume={bad_ckpt(tmp)}"], "not an mpitrain checkpoint"),
-        "missing checkpoint": (ok + ["--set", f"train.resume={tmp}/none.h5"], "unreadable checkpoint"),
+        "missing checkpoint": (ok + ["--set", f"train.resume={tmp}/none.h5"], "no such checkpoint"),
+        "checkpoint step -5": (ok + ["--set", f"train.resume={crafted_ckpt(tmp, good_ckpt, 's', step=-5)}"],
+                               "step -5 < 0"),
+        "checkpoint epoch 1e6": (ok + ["--set", f"train.resume={crafted_ckpt(tmp, good_ckpt, 'e', epoch=10**6)}"],
+                                 "epoch 1000000 outside"),
+        "checkpoint samples -1000": (ok + ["--set", "train.resume="
+                                           f"{crafted_ckpt(tmp, good_ckpt, 'n', samples_in_epoch=-1000)}"],
+                                     "samples_in_epoch -1000 outside"),
+        "checkpoint RNG shape": (ok + ["--set", "train.resume="
+                                       f"{crafted_ckpt(tmp, good_ckpt, 'r', rng=np.zeros((1, 7), np.uint8))}"],
+                                 "RNG states of shape (1, 7)"),
+        "checkpoint momentum shape": (ok + ["--set", f"train.resume={crafted_ckpt(tmp, good_ckpt, 'm', momentum=1)}"],
+                                      "has shape (3, 3)"),
+        "checkpoint text for an array": (ok + ["--set", "train.resume="
+                                               f"{crafted_ckpt(tmp, good_ckpt, 't', model_text=1)}"],
+                                         "checkpoint from another model"),
+        "nan lr": (ok + ["--set", "optim.lr=nan"], "optim.lr: expected a finite number"),
+        "inf beta": (ok + ["--set", "sync.strategy=easgd", "--set", "sync.easgd.beta=inf"], "a finite number"),
+        "nan watchdog": (ok + ["--set", "train.watchdog_s=nan"], "train.watchdog_s: expected a finite number"),
+        "inf warmup": (ok + ["--set", "optim.warmup_epochs=inf"], "optim.warmup_epochs: expected a finite"),
+        "dropout 1.5": (ok + ["--set", "model.dropout=1.5"], "model.dropout: expected a value < 1.0"),
+        "huge seed": (ok + ["--set", "train.seed=9223372036854775807"], "train.seed: expected a value <="),
+        "huge staleness": (ok + ["--set", "sync.strategy=ssp", "--set", "sync.ssp.staleness=1000000"],
+                           "sync.ssp.staleness: expected a value <= 1000"),
+        "huge epochs": (ok + ["--set", "train.epochs=1000000000000"], "train.epochs: expected a value <="),
+        "output.dir {foo}": (ok + ["--set", "output.dir='runs/{foo}'"], "is not a valid folder pattern"),
+        "output.dir {name": (ok + ["--set", "output.dir='runs/{name'"], "is not a valid folder pattern"),
+        "NaN in data": (ok + ["--set", f"data.path={nan_data(tmp)}", "--set", "data.mode=replicated"],
+                        "row 4 is not finite"),
+        "num_classes text": (ok + ["--set", f"data.path={attr_data(tmp, 'nct', 'ten')}"],
+                             "attribute num_classes must be an integer"),
+        "num_classes 1e9": (ok + ["--set", f"data.path={attr_data(tmp, 'ncb', 10**9)}"],
+                            "attribute num_classes must be an integer"),
         "unknown shuffle": (ok + ["--set", "data.shuffle=random"], "data.shuffle: expected one of"),
         "servers without workers": (ok + ["--set", "sync.strategy=ps_sync", "--set", "sync.ps_sync.servers=9"],
                                     "sync.ps_sync.servers = 9 leaves no worker"),
@@ -102,8 +191,10 @@ def bad_cases(tmp, digits, np_):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("np_", NPS)
-def test_bad_input_one_line_exit_2_every_rank(np_, tmp_path, digits, mpirun):
-    for name, (args, message) in bad_cases(tmp_path, digits, np_).items():
+def test_bad_input_one_line_exit_2_every_rank(np_, tmp_path, digits, mpirun, good_ckpt):
+    for name, (args, message) in bad_cases(tmp_path, digits, np_, good_ckpt).items():
+        if name in CONFIG_ONLY and np_ != max(NPS):  # rejected by config validation alike on every rank
+            continue
         r = mpirun(np_, "train", *args, timeout=60)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])
@@ -331,6 +422,105 @@ def test_disk_full_while_appending_metrics_ends_the_job_at_once(tmp_path, digits
         subprocess.run(["umount", str(run)], check=False)
 
 
+def _pid_of_rank(run, rank):
+    for pid in _rank_pids(run):
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+def _stop_and_expect_watchdog(p, pid, rank, took_max):
+    """SIGSTOP pid; the job must end with exit 3 naming `rank` as stopped."""
+    import signal
+    import time
+
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        _, err = p.communicate(timeout=120)
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    took = time.monotonic() - t0
+    assert p.returncode == 3, (p.returncode, err[-2000:])
+    assert f"stopped or dead: {rank} (last" in err, err[-2000:]
+    assert took < took_max, took
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("rank", [0, "random"])
+def test_watchdog_names_a_stopped_rank(tmp_path, digits, mpirun, rank):
+    """SIGSTOP of rank 0, or of a random rank at a random moment of training: the others
+    wait for it in a collective; the watchdog tells the stopped rank from the waiting ones."""
+    import random
+    import time
+
+    run = tmp_path / "run"
+    p = mpirun.spawn(3, *_train_args(digits, run, "--set", "train.epochs=1000", "--set", "train.watchdog_s=4",
+                                     "--set", "output.checkpoint_every=0"))
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+        assert p.poll() is None, p.communicate()[1][-2000:]
+        time.sleep(0.1)
+    rng = random.Random()
+    time.sleep(rng.uniform(0, 1.5))
+    victim = rank if rank == 0 else rng.randrange(3)
+    _stop_and_expect_watchdog(p, _pid_of_rank(run, victim), victim, took_max=30)
+
+
+@pytest.mark.timeout(300)
+def test_watchdog_names_a_rank_stopped_during_start_up(tmp_path, digits, mpirun):
+    """A rank stopped before training (here: while the others load data and build the job)."""
+    import time
+
+    run = tmp_path / "run"
+    mpirun.env["MPITRAIN_WATCHDOG_S"] = "4"
+    try:
+        p = mpirun.spawn(2, *_train_args(digits, run, "--set", "train.watchdog_s=4"))
+    finally:
+        del mpirun.env["MPITRAIN_WATCHDOG_S"]
+    # past MPI_Init (a rank stopped before it blocks the others inside MPI_Init, before any
+    # Python code runs: only the launcher's or Slurm's time limit reaches that), still in build
+    while not (run / "config.toml").exists():
+        assert p.poll() is None, p.communicate()[1][-2000:]
+        time.sleep(0.01)
+    pid = _pid_of_rank(run, 1)
+    import signal
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        _, err = p.communicate(timeout=120)
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    # rank 0 waits in a collective HDF5 open, which holds the GIL: the Python watchdog
+    # cannot run, so the C-level backstop (faulthandler, 2 x watchdog_s + 10 s) ends it
+    assert p.returncode != 0, err[-2000:]
+    assert "mpitrain: watchdog on" in err or "Timeout (0:00:18)!" in err, err[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_long_evaluation_does_not_trip_the_watchdog(tmp_path, mpirun):
+    """A 5 s watchdog; evaluating 300k samples on a 1M-parameter MLP takes longer, but every
+    batch evaluated counts as progress (and ranks that finish first wait on it)."""
+    data = tmp_path / "big.h5"
+    r = mpirun(2, "data", "synthetic", "--out", data, "--samples", "2000", "--test-samples", "300000",
+               "--features", "32", "--classes", "4", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = mpirun(2, "train", "jobs/digits.toml", "--set", f"data.path={data}", "--set", f"output.dir={tmp_path / 'run'}",
+               "--set", "model.name=mlp", "--set", "model.hidden=[1024,1024]", "--set", "train.epochs=1",
+               "--set", "train.watchdog_s=5", "--set", "train.progress=false", "--set", "optim.warmup_epochs=0",
+               timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "watchdog" not in r.stderr
+
+
 @pytest.mark.timeout(300)
 def test_watchdog_aborts_a_hung_job_naming_the_rank(tmp_path, digits, mpirun):
     import time
@@ -341,5 +531,6 @@ def test_watchdog_aborts_a_hung_job_naming_the_rank(tmp_path, digits, mpirun):
                                "train.slowdown_factor=100000", "--set", "train.watchdog_s=5"), timeout=120)
     took = time.monotonic() - t0
     assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
-    assert "mpitrain: watchdog on rank" in r.stderr and "ranks behind: 1 (computing step 1)" in r.stderr
+    assert "mpitrain: watchdog on rank" in r.stderr and "ranks behind: 1 (computing step 1 (training))" in r.stderr
+    assert "stopped or dead" not in r.stderr  # rank 1 sleeps: it is alive
     assert took < 60, took
