@@ -34,7 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__
+from . import __version__, files
 from .comm import heartbeat
 from .errors import UserError
 
@@ -131,7 +131,8 @@ def write(path: Path, snap: Snapshot) -> float:
         f.flush()
         image = f.id.get_file_image()
     try:
-        with open(tmp, "wb") as fh:
+        tmp.unlink(missing_ok=True)  # never write through a symlink planted as the temporary name
+        with os.fdopen(files.open_fd(tmp), "wb") as fh:
             view = memoryview(image)
             for at in range(0, len(view), CHUNK):  # the watchdog sees a long write progress
                 fh.write(view[at:at + CHUNK])

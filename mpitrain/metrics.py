@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from . import files
 from .errors import UserError
 
 
@@ -23,7 +24,7 @@ class MetricsLog:
             return
         line = memoryview((json.dumps(row) + "\n").encode())
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = files.open_fd(self.path, append=True)
             try:
                 size = os.fstat(fd).st_size
                 try:
@@ -54,7 +55,5 @@ def trim(path: Path, step: int, epochs: int | None = None) -> int:
             torn += bool(ln.strip())
         elif row["step"] <= step and (epochs is None or row["epoch"] <= epochs):
             keep.append(ln)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    files.replace_text(path, "".join(ln + "\n" for ln in keep))
     return torn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import state, sync
+from . import files, state, sync
 from .config import Config
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler
@@ -47,8 +48,8 @@ def prepare_run_dir(cfg: Config, world) -> Path:
         if world.is_root:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "config.toml").write_text(cfg.dumps())
-                (run_dir / "metrics.jsonl").touch()
+                files.replace_text(run_dir / "config.toml", cfg.dumps())
+                os.close(files.open_fd(run_dir / "metrics.jsonl", append=True))
             except OSError as e:
                 raise UserError(f"output.dir: cannot write to {run_dir}: {e.strerror}") from None
     world.agree(make)
@@ -156,7 +157,7 @@ def reset_metrics(job: Job, pos: state.Position) -> None:
     path = job.run_dir / "metrics.jsonl"
     try:
         if pos.snapshot is None:
-            path.write_text("")
+            files.replace_text(path, "")
             return
         t = job.cfg.train
         finished = pos.epoch >= t.epochs or pos.step >= (t.max_steps or float("inf"))

@@ -127,3 +127,21 @@ def test_non_finite_loss_skipped_on_every_rank(world, shared_tmp, digits_with_a_
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     got = world.allgather(flat_params(model).numpy())
     assert all(np.array_equal(got[0], g) for g in got)
+
+
+def test_run_folder_writes_never_follow_planted_symlinks(world, shared_tmp, digits_h5, make_cfg):
+    from mpitrain.errors import AgreedError
+
+    run, target = shared_tmp / "run", shared_tmp / "target"
+    if world.is_root:
+        run.mkdir()
+        target.write_text("precious")
+        (run / "config.toml").symlink_to(target)  # replaced by a fresh file (rename)
+        (run / "metrics.jsonl").symlink_to(target)  # appended to: refused
+    world.barrier()
+    cfg = make_cfg(run, digits_h5, train={"max_steps": 1})
+    with pytest.raises(AgreedError, match="symbolic links"):
+        train(cfg, world, world.logger())
+    assert target.read_text() == "precious"
+    if world.is_root:
+        assert not (run / "config.toml").is_symlink()

@@ -330,6 +330,24 @@ def _wait_for_checkpoint(run, timeout=120):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig, code", [("SIGUSR1", 75), ("SIGTERM", 1)])
+def test_signal_to_mpiexec(tmp_path, digits, mpirun, sig, code):
+    """What a user or a batch script sends to mpiexec itself: SIGUSR1 is forwarded to every
+    rank (exit 75); SIGTERM (and Ctrl-C) also stop every rank after a checkpoint, but Open
+    MPI's mpiexec then reports 1 as its own status (README: send SIGUSR1)."""
+    import signal
+
+    run = tmp_path / "run"
+    p = mpirun.spawn(2, *_train_args(digits, run, "--set", "train.epochs=500", "--set", "output.checkpoint_every=50"))
+    _wait_for_checkpoint(run)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, (p.returncode, err[-2000:])
+    assert f"stopped by {sig} after step" in err, err[-2000:]
+
+
+@pytest.mark.timeout(600)
 def test_sigusr1_checkpoints_and_exits_75_then_resumes(tmp_path, digits, mpirun):
     import signal
     import time
