@@ -109,6 +109,8 @@ def inject_straggler(world, cfg_train, t_compute: float) -> None:
 
 
 PHASES = ("start-up", "loading data", "resuming", "training", "evaluation", "checkpoint", "teardown")
+# for the failure tests: MPITRAIN_INJECT_FAULT="PHASE:RANK" raises on that rank when it enters PHASE
+INJECT = os.environ.get("MPITRAIN_INJECT_FAULT", "")
 _DOG: "Watchdog | None" = None
 
 
@@ -177,6 +179,8 @@ class Watchdog:
         """This rank is now in phase `name` (one of PHASES)."""
         self.state = 2 * PHASES.index(name)
         self.beat(self.step)
+        if INJECT and self.world is not None and INJECT == f"{name}:{self.world.rank}":
+            raise RuntimeError(f"injected fault in {name} on rank {self.world.rank} (MPITRAIN_INJECT_FAULT)")
 
     @contextlib.contextmanager
     def phase(self, name: str):

@@ -330,6 +330,30 @@ def _wait_for_checkpoint(run, timeout=120):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("phase", ["loading data", "resuming", "training", "evaluation", "checkpoint", "teardown"])
+def test_a_failure_on_one_rank_in_any_phase_ends_the_job(tmp_path, digits, mpirun, phase):
+    """An exception on rank 1 alone, in each phase: its traceback on stderr, the job ends
+    within seconds (no rank waits forever in a collective), no torn metrics line."""
+    import json
+    import time
+
+    run = tmp_path / "run"
+    mpirun.env["MPITRAIN_INJECT_FAULT"] = f"{phase}:1"
+    try:
+        t0 = time.monotonic()
+        r = mpirun(2, *_train_args(digits, run, "--set", "train.epochs=3", "--set", "output.checkpoint_every=20",
+                                   "--set", "train.watchdog_s=600"), timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        del mpirun.env["MPITRAIN_INJECT_FAULT"]
+    assert r.returncode != 0, r.stderr[-2000:]
+    assert f"injected fault in {phase} on rank 1" in r.stderr, r.stderr[-2000:]
+    assert took < 30, took  # start-up included; the watchdog (600 s) played no part
+    if (run / "metrics.jsonl").exists():
+        [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig, code", [("SIGUSR1", 75), ("SIGTERM", 1)])
 def test_signal_to_mpiexec(tmp_path, digits, mpirun, sig, code):
