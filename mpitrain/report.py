@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import UserError
 
+NUMERIC = ("epoch", "step", "ranks", "samples_per_s", "wall_s", "test_acc", "comm_bytes_per_step")
 COLUMNS = ["run", "strategy", "ranks", "epochs", "final_test_acc", "best_test_acc", "time_to_target_s",
            "samples_per_s", "comm_bytes_per_step", "wall_s"]
 
@@ -59,9 +60,13 @@ def load_run(run_dir: str | Path, target: float) -> RunSummary:
                 raise UserError(f"{mfile}:{i}: not a JSON line") from None
     if not rows:
         raise UserError(f"{mfile}: empty (the run did not finish an epoch)")
-    missing = [k for k in ("epoch", "samples_per_s", "wall_s") if k not in rows[-1]]
+    missing = [k for k in ("epoch", "samples_per_s", "wall_s") if not isinstance(rows[-1], dict) or k not in rows[-1]]
     if missing:
         raise UserError(f"{mfile}: rows lack {', '.join(missing)}")
+    for i, row in enumerate(rows, 1):
+        bad = [k for k in NUMERIC if k in row and (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))]
+        if not isinstance(row, dict) or bad:
+            raise UserError(f"{mfile}:{i}: " + (f"{', '.join(bad)} must be numbers" if bad else "not a table"))
     strategy, ranks, name = "?", None, d.name
     cfile = d / "config.toml"
     if cfile.is_file():

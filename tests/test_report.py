@@ -43,6 +43,10 @@ def test_report_files_and_columns(tmp_path):
     (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "empty"),
     (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("{oops\n")), "metrics.jsonl:1: not a JSON line"),
     (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"epoch": 1}\n')), "rows lack samples_per_s"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text(
+        '{"epoch": 1, "samples_per_s": "fast", "wall_s": 1, "test_acc": [0.9]}\n')),
+     "metrics.jsonl:1: samples_per_s, test_acc must be numbers"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('[1, 2]\n')), "rows lack"),
 ])
 def test_bad_run_folders(tmp_path, make, message):
     make(tmp_path / "r")

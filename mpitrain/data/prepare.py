@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,8 @@ def convert(src: str, out: str, x_key: str = "x", y_key: str = "y", test_fractio
             x, y = z[x_key], z[y_key]
     except FileNotFoundError:
         raise UserError(f"{src}: no such file") from None
-    except (ValueError, OSError) as e:
-        raise UserError(f"{src}: not a readable .npz without pickled objects ({e})") from None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{src}: not a readable .npz without pickled objects ({type(e).__name__}: {e})") from None
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise UserError(f"{src}: {y_key} must be a 1-D integer array, got {y.dtype} {y.shape}")
     if x.shape[0] != y.shape[0] or x.ndim < 2 or x.dtype.kind not in "fiub":

@@ -11,12 +11,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..errors import UserError
+
 
 
 def write_serial(path: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
                  num_classes: int, source: str, description: str = "") -> None:
     """Write whole arrays from one process (atomically: temp file, then rename)."""
-    path = Path(path)
+    try:
+        _write_serial(Path(path), splits, num_classes, source, description)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def _write_serial(path: Path, splits, num_classes, source, description) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with h5py.File(tmp, "w") as f:
@@ -38,13 +46,18 @@ def write_parallel(path: str | Path, world, sizes: dict[str, int], shape: tuple[
                    num_classes: int, source: str, description: str = "") -> None:
     """Collective: create the file with mpio and let each rank write its contiguous rows.
 
-    `fill(split, lo, hi)` returns this rank's (x, y) for rows [lo, hi) of `split`.
+    `fill(split, lo, hi)` returns this rank's (x, y) for rows [lo, hi) of `split`. A file
+    system error (every rank sees it: the open is collective) is a UserError.
     """
-    path = Path(path)
+    try:
+        _write_parallel(Path(path), world, sizes, shape, fill, num_classes, source, description)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def _write_parallel(path: Path, world, sizes, shape, fill, num_classes, source, description) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    if world.is_root:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    world.barrier()
+    world.on_root(_on_root, path.parent.mkdir, parents=True, exist_ok=True)  # its error, on every rank
     with h5py.File(tmp, "w", driver="mpio", comm=world.comm) as f:
         _attrs(f, num_classes, source, description)
         for name, n in sizes.items():
@@ -57,7 +70,12 @@ def write_parallel(path: str | Path, world, sizes: dict[str, int], shape: tuple[
                 dx[lo:hi] = x
             with dy.collective:
                 dy[lo:hi] = y
-    world.barrier()
-    if world.is_root:
-        tmp.replace(path)
-    world.barrier()
+    world.on_root(_on_root, tmp.replace, path)
+
+
+def _on_root(fn, *args, **kwargs):
+    """fn's file-system error as a UserError (World.on_root shares it with every rank)."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as e:
+        raise UserError(f"{e.filename or ''}: cannot write: {e.strerror or e}") from None

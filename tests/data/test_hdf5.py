@@ -156,3 +156,23 @@ def test_non_finite_check_can_be_turned_off(world, shared_tmp):
     world.barrier()
     train, _, _ = hdf5.load(DataCfg(path=str(path), check_finite=False), world)
     assert train.total == 40
+
+
+def test_truncated_npz_and_unwritable_output(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((10, 3), np.float32), y=np.arange(10) % 2)
+    data = (tmp_path / "a.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable .npz"):
+        prepare.convert(str(tmp_path / "cut.npz"), str(tmp_path / "b.h5"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        prepare.convert(str(tmp_path / "a.npz"), str(tmp_path / "afile" / "b.h5"))
+
+
+def test_unwritable_parallel_output_is_agreed(world, shared_tmp):
+    blocker = shared_tmp / "afile"
+    if world.is_root:
+        blocker.write_text("")
+    world.barrier()
+    with pytest.raises(AgreedError, match="cannot write"):
+        world.agree(prepare.synthetic, world, str(blocker / "s.h5"), 100, 10, 4, 2, 8, 0)
