@@ -116,16 +116,16 @@ def build(cfg: Config, world, log, resources) -> Job:
 def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
     """Collective: run the job described by cfg; returns (last metrics row, model), or
     ({}, None) on ranks the strategy keeps for itself (e.g. parameter servers)."""
-    workers, serve = sync.roles(cfg.sync, world, log)
-    if serve is not None:
-        serve()
-        return {}, None
     with collective_cleanup() as resources:
         dog = watchdog()
         if dog is None:  # called from Python, not the command line: watch this run
             dog = Watchdog(cfg.train.watchdog_s, world)
             resources.callback(dog.close)
         dog.set_timeout(cfg.train.watchdog_s)
+        workers, serve = sync.roles(cfg.sync, world, log)
+        if serve is not None:
+            serve()
+            return {}, None
         with dog.phase("loading data"):
             job = workers.agree_job(build, cfg, workers, log, resources)  # servers learn of a failure too
         with dog.phase("resuming"):
