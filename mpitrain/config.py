@@ -22,10 +22,13 @@ from .options import build, opt as _opt, to_dict
 
 @dataclass(frozen=True)
 class ModelCfg:
-    name: str = _opt("mlp", help="model registry key (see mpitrain.models)")
-    hidden: tuple[int, ...] = _opt((128, 128), help="MLP hidden layer widths")
-    channels: tuple[int, ...] = _opt((16, 32), help="CNN conv channels per block")
-    dropout: float = _opt(0.0, min=0.0, lt=1.0)
+    name: str = _opt("mlp", help="a built-in model: mlp | cnn (used when factory is empty)")
+    factory: str = _opt("", help="your model: 'package.module:function' (importable from the job file's "
+                                 "folder or PYTHONPATH), called with [model.args] + input_shape, num_classes")
+    args: dict = _opt({}, help="keyword arguments for the factory")
+    hidden: tuple[int, ...] = _opt((128, 128), help="mlp: hidden layer widths")
+    channels: tuple[int, ...] = _opt((16, 32), help="cnn: conv channels per block")
+    dropout: float = _opt(0.0, min=0.0, lt=1.0, help="mlp, cnn: dropout probability")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class TrainCfg:
     progress: bool = _opt(True, help="tqdm bar on rank 0")
     eval_every: int = _opt(1, gt=0, help="evaluate every this many epochs (and at the end)")
     watchdog_s: float = _opt(600.0, min=0.0, help="abort when a rank sees no progress this long (0 = off)")
+    loss: str = _opt("cross_entropy", help="cross_entropy | mse (against one-hot labels) | "
+                                          "'package.module:function'(output, target) -> per-sample losses")
     on_nonfinite: str = _opt("stop", choices=("stop", "skip"),
                              help="a NaN/inf loss on any rank: stop (exit 4, nothing of that step applied) "
                                   "or skip that step's update on every rank")
@@ -104,19 +109,24 @@ class OutputCfg:
 
 @dataclass(frozen=True)
 class Config:
+    """A validated job. `job_dir` (not part of the saved config) is the job file's folder,
+    where model factories and losses are imported from first."""
+
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     sync: SyncCfg = field(default_factory=SyncCfg)
     output: OutputCfg = field(default_factory=OutputCfg)
+    job_dir: str = field(default="", compare=False)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.output.name))
 
     def to_dict(self) -> dict:
-        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sync"}
+        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name not in ("sync", "job_dir")}
         out["sync"] = {"strategy": self.sync.strategy, self.sync.strategy: to_dict(self.sync.options)}
         return out
 
@@ -196,6 +206,8 @@ def from_dict(raw: dict, where: str = "<config>") -> Config:
             raise UserError(f"{where}: [comm] cuda_path is now sync.allreduce.cuda_path")
         if name not in hints:
             raise UserError(f"{where}: unknown section [{name}] (known: {', '.join(hints)})")
+        if name == "job_dir":
+            raise UserError(f"{where}: unknown section [{name}] (known: {', '.join(hints)})")
         if name == "sync":
             sections[name] = _sync_section(table, where)
         else:
@@ -255,4 +267,5 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
     if not raw.get("output", {}).get("name"):
         raw.setdefault("output", {})["name"] = Path(path).stem if path else "run"
     where = where + (" (with --set)" if overrides else "")
-    return from_dict(raw, where)
+    cfg = from_dict(raw, where)
+    return dataclasses.replace(cfg, job_dir=str(Path(path).resolve().parent)) if path else cfg

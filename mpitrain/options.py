@@ -14,8 +14,10 @@ from .errors import UserError
 def opt(default, *, choices=None, min=None, gt=None, max=None, lt=None, help=""):
     """A dataclass field with validation metadata: choices, bounds min <= v <= max and
     gt < v < lt (floats must also be finite)."""
-    return field(default=default, metadata={"choices": choices, "min": min, "gt": gt, "max": max, "lt": lt,
-                                            "help": help})
+    meta = {"choices": choices, "min": min, "gt": gt, "max": max, "lt": lt, "help": help}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def check(where: str, key: str, f: dataclasses.Field, hint, value):
@@ -39,6 +41,9 @@ def check(where: str, key: str, f: dataclasses.Field, hint, value):
     elif hint is str:
         if not isinstance(value, str):
             bad("a string")
+    elif hint is dict:
+        if not isinstance(value, dict):
+            bad("a table")
     elif origin is tuple:
         (elem, *_rest) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -74,4 +79,5 @@ def build(cls, table: dict, where: str, prefix: str):
 
 def to_dict(obj) -> dict:
     """A frozen options dataclass as a TOML-ready dict (tuples as lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()
+            if not (isinstance(v, dict) and not v)}  # an empty table is the default: omitted

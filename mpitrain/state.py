@@ -15,6 +15,7 @@ import torch
 from . import __version__, checkpoint, sync
 from .errors import AgreedError, UserError
 from .faults import Diverged
+from .models import BUILTIN, model_id
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def save(job, pos: Position) -> str:
         if world.is_root:
             snap = checkpoint.Snapshot(
                 step=pos.step, epoch=pos.epoch, samples_in_epoch=pos.samples_in_epoch, world_size=world.size,
-                strategy=job.cfg.sync.strategy, model_name=job.cfg.model.name, config=job.cfg.dumps(),
+                strategy=job.cfg.sync.strategy, model_name=model_id(job.cfg.model), config=job.cfg.dumps(),
                 model={k: v.detach().cpu().numpy() for k, v in job.model.state_dict().items()},
                 **_optimizer_arrays(job.optimizer), strategy_state=sstate, rng=np.stack(rng),
                 rank_state=every_own or [])
@@ -196,6 +197,10 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
     consolidated model and rank 0's optimizer state (a new world size, or replicas that
     never differ)."""
     _check_position(job, snap)
+    mine = model_id(job.cfg.model)
+    if mine not in (snap.model_name, BUILTIN.get(snap.model_name, ("",))[0]):
+        raise UserError(f"checkpoint from another model: it was trained with {snap.model_name!r}, this job "
+                        f"builds {mine!r} (model.factory / model.name)")
     own = snap.rank_state[job.world.rank] if len(snap.rank_state) == job.world.size else None
     model = {k[6:]: v for k, v in own.items() if k.startswith("param.")} if own else snap.model
     model_sd = job.model.state_dict()
@@ -204,7 +209,7 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
                                           for k, v in model_sd.items()):
         raise UserError(f"checkpoint from another model: it holds {snap.model_name} with "
                         f"{sum(np.size(a) for a in model.values()):,} values, this job builds "
-                        f"{job.cfg.model.name} with {sum(v.numel() for v in model_sd.values()):,}")
+                        f"{mine} with {sum(v.numel() for v in model_sd.values()):,}")
     job.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.items()})
     opt_state = _own_optimizer_state(own) if own else snap.optimizer_state
     if opt_state or snap.param_groups:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import files, state, sync
@@ -23,7 +22,7 @@ from .comm import heartbeat
 from .faults import (Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag,
                      watchdog)
 from .metrics import MetricsLog, trim as trim_metrics
-from .models import build_model, build_optimizer, build_schedule
+from .models import build_loss, build_model, build_optimizer, build_schedule, model_id
 
 
 def configure_threads(threads: int, world) -> int:
@@ -57,7 +56,7 @@ def prepare_run_dir(cfg: Config, world) -> Path:
 
 
 @torch.no_grad()
-def evaluate(model, split, world, device, batch_size: int = 1024) -> dict:
+def evaluate(model, loss_fn, split, world, device, batch_size: int = 1024) -> dict:
     """Collective: test loss and accuracy over the whole split; each rank evaluates its shard."""
     model.eval()
     lo, hi = world.shard(split.total)
@@ -66,7 +65,7 @@ def evaluate(model, split, world, device, batch_size: int = 1024) -> dict:
         x, y = (torch.from_numpy(t).to(device) for t in split.take(np.arange(a, min(a + batch_size, hi))))
         heartbeat.tick()
         out = model(x)
-        totals += [F.cross_entropy(out, y, reduction="sum").item(), (out.argmax(1) == y).sum().item(), len(y)]
+        totals += [loss_fn(out, y).item(), (out.argmax(1) == y).sum().item(), len(y)]
     loss, correct, count = world.sum(totals)
     model.train()
     return {"test_loss": loss / count, "test_acc": correct / count}
@@ -85,6 +84,7 @@ class Job:
     train_split: hdf5.Split
     test_split: hdf5.Split | None
     model: torch.nn.Module
+    loss: object  # (output, target) -> the batch's summed loss
     optimizer: torch.optim.Optimizer
     sampler: DistributedSampler | DynamicSampler
     schedule: torch.optim.lr_scheduler.LRScheduler
@@ -98,7 +98,8 @@ def build(cfg: Config, world, log, resources) -> Job:
     run_dir = prepare_run_dir(cfg, world)
     train_split, test_split, meta = hdf5.load(cfg.data, world)
     torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
-    model = world.agree(build_model, cfg.model, meta.input_shape, meta.num_classes).to(device)
+    model = world.agree(build_model, cfg.model, meta.input_shape, meta.num_classes, cfg.job_dir).to(device)
+    loss = world.agree(build_loss, cfg.train.loss, cfg.job_dir)
     optimizer = world.agree(build_optimizer, cfg.optim, model.parameters(), world.size)
     t = cfg.train
     if cfg.data.assign == "dynamic":
@@ -109,7 +110,7 @@ def build(cfg: Config, world, log, resources) -> Job:
                                      shuffle_of(cfg.data))
     schedule = build_schedule(cfg.optim, optimizer, sampler.steps_per_epoch, t.epochs)
     strategy = world.agree(sync.create, cfg.sync, world, log)
-    return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, optimizer,
+    return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, optimizer,
                sampler, schedule, strategy)
 
 
@@ -192,7 +193,7 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
             x, y = (torch.from_numpy(t).to(device) for t in job.train_split.take(batch.indices))
             t_compute = time.perf_counter()
             optimizer.zero_grad(set_to_none=False)
-            loss = F.cross_entropy(model(x), y, reduction="sum")
+            loss = job.loss(model(x), y)
             (loss * loss_weight(strategy, world, batch.global_count)).backward()
             inject_straggler(world, cfg.train, t_compute)
             with dog.waiting(step + 1):
@@ -218,7 +219,7 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
         with dog.waiting(step):
             last = epoch == cfg.train.epochs - 1 or world.any(step >= max_steps)
             with strategy.consolidated(), dog.phase("evaluation"):
-                tested = (evaluate(model, job.test_split, world, device) if job.test_split is not None
+                tested = (evaluate(model, job.loss, job.test_split, world, device) if job.test_split is not None
                           and ((epoch + 1) % cfg.train.eval_every == 0 or last) else {})
             row = epoch_row(job, epoch, step, train_time, [loss_sum, local, world.bytes_sent() - sent,
                                                            step - first_step,
@@ -315,7 +316,7 @@ def announce(job: Job) -> None:
     if job.world.is_root:
         c = job.cfg
         n_params = sum(p.numel() for p in job.model.parameters())
-        job.log.info(f"{c.output.name}: {job.world.size} ranks x {job.threads} threads, {c.model.name} "
+        job.log.info(f"{c.output.name}: {job.world.size} ranks x {job.threads} threads, {model_id(c.model)} "
                      f"({n_params:,} params), {c.sync.strategy}, {c.data.mode} data "
                      f"({job.train_split.total} train samples), {job.sampler.steps_per_epoch} steps/epoch")
 

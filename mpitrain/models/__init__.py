@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 
 
-def mlp(cfg, input_shape, num_classes) -> nn.Module:
+def mlp(input_shape, num_classes, hidden=(128, 128), dropout=0.0) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
-    for h in cfg.hidden:
+    for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
-        if cfg.dropout:
-            layers.append(nn.Dropout(cfg.dropout))
+        if dropout:
+            layers.append(nn.Dropout(dropout))
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
 
 
-def cnn(cfg, input_shape, num_classes) -> nn.Module:
+def cnn(input_shape, num_classes, channels=(16, 32), dropout=0.0) -> nn.Module:
     """Conv3x3-ReLU-MaxPool blocks (pooling while the image is >= 4 px), then a linear head.
     Inputs (H, W) get a channel axis; (C, H, W) are used as they are."""
     if len(input_shape) not in (2, 3):
@@ -32,28 +35,97 @@ def cnn(cfg, input_shape, num_classes) -> nn.Module:
         layers += [nn.Flatten(), nn.Unflatten(1, (1, *input_shape))]  # (N, H, W) -> (N, 1, H, W)
         input_shape = (1, *input_shape)
     c, h, w = input_shape
-    for out in cfg.channels:
+    for out in channels:
         layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
         if min(h, w) >= 4:
             layers.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
         c = out
     layers += [nn.Flatten()]
-    if cfg.dropout:
-        layers.append(nn.Dropout(cfg.dropout))
+    if dropout:
+        layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(c * h * w, num_classes))
     return nn.Sequential(*layers)
 
 
-MODELS = {"mlp": mlp, "cnn": cnn}
+# the built-in models are factories like any user's: model.name = "mlp" is
+# model.factory = "mpitrain.models:mlp" with model.hidden / model.dropout as arguments
+BUILTIN = {"mlp": ("mpitrain.models:mlp", ("hidden", "dropout")),
+           "cnn": ("mpitrain.models:cnn", ("channels", "dropout"))}
 
 
-def build_model(cfg, input_shape, num_classes) -> nn.Module:
+def resolve(spec: str, key: str, job_dir: str = ""):
+    """The object named 'package.module:attribute', imported from the job file's folder
+    first, then PYTHONPATH. Only a job file (or the command line) names what is imported."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise UserError(f"{key}: expected 'package.module:function', got {spec!r}")
+    added = bool(job_dir) and job_dir not in sys.path
+    if added:
+        sys.path.insert(0, job_dir)
     try:
-        fn = MODELS[cfg.name]
-    except KeyError:
-        raise UserError(f"model.name: unknown model {cfg.name!r} (known: {', '.join(MODELS)})") from None
-    return fn(cfg, tuple(input_shape), num_classes)
+        obj = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:  # noqa: BLE001 - any import-time failure is the user's to fix
+        raise UserError(f"{key} = {spec!r}: cannot import it ({type(e).__name__}: {e})") from None
+    finally:
+        if added:
+            sys.path.remove(job_dir)
+    if not callable(obj):
+        raise UserError(f"{key} = {spec!r}: not callable ({type(obj).__name__})")
+    return obj
+
+
+def model_id(cfg) -> str:
+    """What a checkpoint records about the model's code: the factory string."""
+    return cfg.factory or BUILTIN.get(cfg.name, (f"?{cfg.name}",))[0]
+
+
+def build_model(cfg, input_shape, num_classes, job_dir: str = "") -> nn.Module:
+    """Call the model factory with [model.args] plus input_shape and num_classes."""
+    if cfg.factory:
+        fn, kwargs, key = resolve(cfg.factory, "model.factory", job_dir), dict(cfg.args), "model.factory"
+    else:
+        if cfg.name not in BUILTIN:
+            raise UserError(f"model.name: unknown model {cfg.name!r} (known: {', '.join(BUILTIN)}; "
+                            "or set model.factory to your own)")
+        spec, fields = BUILTIN[cfg.name]
+        fn, key = resolve(spec, "model.name"), "model.name"
+        kwargs = {f: getattr(cfg, f) for f in fields} | dict(cfg.args)
+    try:
+        model = fn(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{key} = {cfg.factory or cfg.name!r} failed to build the model with "
+                        f"{sorted(kwargs)} ({type(e).__name__}: {e})") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{key} = {cfg.factory or cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"{key} = {cfg.factory or cfg.name!r}: the model has no trainable parameters")
+    return model
+
+
+def build_loss(name: str, job_dir: str = ""):
+    """loss(output, target) -> the batch's summed loss (so sums over ranks are exact means).
+    cross_entropy: class indices; mse: against one-hot labels (mean over the outputs);
+    'package.module:function': returns per-sample losses (B,) or the batch mean (scalar)."""
+    if name == "cross_entropy":
+        return lambda out, y: F.cross_entropy(out, y, reduction="sum")
+    if name == "mse":
+        return lambda out, y: F.mse_loss(out, F.one_hot(y, out.shape[-1]).to(out.dtype), reduction="sum") / out.shape[-1]
+    fn = resolve(name, "train.loss", job_dir)
+
+    def user_loss(out, y):
+        if len(y) == 0:  # an empty last batch on some ranks: no loss, but keep the graph
+            return out.sum() * 0.0
+        v = fn(out, y)
+        if not torch.is_tensor(v) or v.ndim > 1 or (v.ndim == 1 and len(v) != len(y)):
+            raise UserError(f"train.loss = {name!r} returned {getattr(v, 'shape', type(v).__name__)}: "
+                            f"expected per-sample losses ({len(y)},) or a scalar mean")
+        return v.sum() if v.ndim == 1 else v * len(y)
+    return user_loss
 
 
 def build_optimizer(cfg, params, world_size: int) -> torch.optim.Optimizer:

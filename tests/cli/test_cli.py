@@ -108,7 +108,7 @@ def attr_data(tmp, name, value):
     return p
 
 
-CONFIG_ONLY = {"nan lr", "inf beta", "nan watchdog", "inf warmup", "dropout 1.5", "huge seed", "huge staleness",
+CONFIG_ONLY = {"factory not importable", "factory unknown argument", "loss not importable", "nan lr", "inf beta", "nan watchdog", "inf warmup", "dropout 1.5", "huge seed", "huge staleness",
                "huge epochs", "output.dir {foo}", "output.dir {name", "wrong type", "negative size",
                "unknown shuffle", "old flat sync key", "bad strategy option", "comm section"}
 
@@ -160,6 +160,11 @@ def bad_cases(tmp, digits, np_, good_ckpt):
         "checkpoint text for an array": (ok + ["--set", "train.resume="
                                                f"{crafted_ckpt(tmp, good_ckpt, 't', model_text=1)}"],
                                          "checkpoint from another model"),
+        "factory not importable": (ok + ["--set", "model.factory='nosuchpkg.models:net'"],
+                                   "model.factory = 'nosuchpkg.models:net': cannot import it"),
+        "factory unknown argument": (ok + ["--set", "model.factory='mpitrain.models:mlp'", "--set",
+                                           "model.args.depth=3"], "unexpected keyword argument 'depth'"),
+        "loss not importable": (ok + ["--set", "train.loss='nosuchpkg:loss'"], "train.loss = 'nosuchpkg:loss'"),
         "nan lr": (ok + ["--set", "optim.lr=nan"], "optim.lr: expected a finite number"),
         "inf beta": (ok + ["--set", "sync.strategy=easgd", "--set", "sync.easgd.beta=inf"], "a finite number"),
         "nan watchdog": (ok + ["--set", "train.watchdog_s=nan"], "train.watchdog_s: expected a finite number"),
