@@ -59,6 +59,7 @@ class OptimCfg:
     step_epochs: int = _opt(30, gt=0, max=10**6, help="schedule=step: decay every this many epochs")
     step_gamma: float = _opt(0.1, gt=0.0)
     warmup_epochs: float = _opt(0.0, min=0.0)
+    clip_norm: float = _opt(0.0, min=0.0, help="clip the reduced gradients' global norm (0 = off)")
     lr_scaling: str = _opt("none", choices=("none", "linear"),
                            help="linear: lr x world size (Goyal et al. 2017)")
 
@@ -76,6 +77,9 @@ class TrainCfg:
     watchdog_s: float = _opt(600.0, min=0.0, help="abort when a rank sees no progress this long (0 = off)")
     loss: str = _opt("cross_entropy", help="cross_entropy | mse (against one-hot labels) | "
                                           "'package.module:function'(output, target) -> per-sample losses")
+    accumulate: int = _opt(1, gt=0, max=4096, help="micro-batches per optimizer step (reduced after the last)")
+    precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"),
+                          help="autocast of forward and loss (bf16 on CPU and CUDA); gradients stay fp32")
     on_nonfinite: str = _opt("stop", choices=("stop", "skip"),
                              help="a NaN/inf loss on any rank: stop (exit 4, nothing of that step applied) "
                                   "or skip that step's update on every rank")
@@ -235,6 +239,12 @@ def _cross_checks(cfg: Config, where: str) -> None:
         if d.mode != "replicated":
             raise UserError(f"{where}: data.assign = 'dynamic' needs data.mode = 'replicated' "
                             "(any rank may take any batch)")
+    if cfg.train.precision == "fp16":
+        raise UserError(f"{where}: train.precision = 'fp16' needs a loss scaler whose overflow decision is agreed "
+                        "over ranks, which this version does not have yet: use 'bf16'")
+    if cfg.optim.clip_norm and REGISTRY[cfg.sync.strategy].remote_update:
+        raise UserError(f"{where}: optim.clip_norm: {cfg.sync.strategy!r} applies the update in the parameter "
+                        "store, where there is no reduced gradient to clip; use allreduce or a local strategy")
     if d.shuffle == "global" and d.mode == "partitioned":
         raise UserError(f"{where}: data.shuffle = 'global' needs data.mode = 'replicated' "
                         "(partitioned ranks hold only their shard; use 'shard')")

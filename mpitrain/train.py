@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -108,7 +109,7 @@ def build(cfg: Config, world, log, resources) -> Job:
     else:
         sampler = DistributedSampler(train_split.total, world.size, world.rank, t.batch_size, t.seed,
                                      shuffle_of(cfg.data))
-    schedule = build_schedule(cfg.optim, optimizer, sampler.steps_per_epoch, t.epochs)
+    schedule = build_schedule(cfg.optim, optimizer, -(-sampler.steps_per_epoch // t.accumulate), t.epochs)
     strategy = world.agree(sync.create, cfg.sync, world, log)
     return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, optimizer,
                sampler, schedule, strategy)
@@ -188,24 +189,25 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
         t_epoch, first_step, sent = time.perf_counter(), step, world.bytes_sent()
         loss_sum, local, skipped = 0.0, 0, 0
         done = pos.samples_in_epoch if epoch == pos.epoch else 0  # global samples of this epoch
-        for batch in progress_bar(job, sampler.epoch(epoch, done), epoch):
+        for group in progress_bar(job, micro_batches(sampler.epoch(epoch, done), cfg.train.accumulate), epoch):
             dog.beat(step + 1)
-            x, y = (torch.from_numpy(t).to(device) for t in job.train_split.take(batch.indices))
             t_compute = time.perf_counter()
             optimizer.zero_grad(set_to_none=False)
-            loss = job.loss(model(x), y)
-            (loss * loss_weight(strategy, world, batch.global_count)).backward()
+            count = sum(b.global_count for b in group)  # samples in this optimizer step, all ranks
+            loss_value, n = forward_backward(job, group, count)
             inject_straggler(world, cfg.train, t_compute)
             with dog.waiting(step + 1):
-                signum, nonfinite = agree_flags(job, stop, loss_value := loss.item(), step)
+                signum, nonfinite = agree_flags(job, stop, loss_value, step)
                 if not nonfinite:
                     strategy.after_backward(step)
+                    if cfg.optim.clip_norm:  # the reduced gradient's norm: the same on every rank
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
                     optimizer.step()
                     strategy.after_step(step)
                 schedule.step()
             skipped += bool(nonfinite)
             loss_sum += 0.0 if nonfinite else loss_value
-            local, done, step = local + len(y), done + batch.global_count, step + 1
+            local, done, step = local + n, done + count, step + 1
             here = state.Position(step, epoch, done)
             if signum or (sampler.lockstep and step % every == 0):  # every rank is at this step
                 checkpoint(job, here, signum)
@@ -258,6 +260,36 @@ def train_each(spec, world, log, overrides=()) -> list[Config]:
     return cfgs
 
 
+def micro_batches(batches, k: int):
+    """The sampler's batches in groups of k: one optimizer step each (the last may be short)."""
+    group = []
+    for b in batches:
+        group.append(b)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def forward_backward(job: Job, group: list, count: int) -> tuple[float, int]:
+    """Forward and backward of one step's micro-batches, gradients accumulating in .grad;
+    the strategy's reduction runs only for the last one (DDP's no_sync). Each loss is
+    weighted for the whole step's `count` samples. Returns (summed loss, local samples)."""
+    weight = loss_weight(job.strategy, job.world, count)
+    precision = {"bf16": torch.bfloat16}.get(job.cfg.train.precision)
+    total, n = 0.0, 0
+    for i, batch in enumerate(group):
+        x, y = (torch.from_numpy(t).to(job.device) for t in job.train_split.take(batch.indices))
+        quiet = i < len(group) - 1 and isinstance(job.strategy, sync.NoSync)
+        with job.strategy.no_sync() if quiet else contextlib.nullcontext():
+            with torch.autocast(job.device.type, dtype=precision, enabled=precision is not None):
+                loss = job.loss(job.model(x), y)
+            (loss * weight).backward()
+        total, n = total + loss.item(), n + len(y)
+    return total, n
+
+
 def loss_weight(strategy, world, global_count: int) -> float:
     """Factor for this rank's summed loss: 1/global batch where the ranks' gradients are
     combined, world size/global batch (the local mean) where each rank steps on its own."""
@@ -308,7 +340,8 @@ def epoch_row(job: Job, epoch: int, step: int, train_time: float, sums: list) ->
 def progress_bar(job: Job, batches, epoch: int):
     """The epoch's batches, with a tqdm bar on rank 0 (off without a TTY or progress = false)."""
     show = job.world.is_root and job.cfg.train.progress
-    return tqdm(batches, total=job.sampler.steps_per_epoch, leave=False, dynamic_ncols=True,
+    return tqdm(batches, total=-(-job.sampler.steps_per_epoch // job.cfg.train.accumulate), leave=False,
+                dynamic_ncols=True,
                 disable=None if show else True, desc=f"epoch {epoch + 1}/{job.cfg.train.epochs}")
 
 

@@ -104,6 +104,11 @@ def test_every_strategy_has_defaults():
     ("[output]\ndir = 'runs/{foo}'\n", [], "output.dir: 'runs/{foo}' is not a valid folder pattern"),
     ("[output]\ndir = 'runs/{name'\n", [], "output.dir: 'runs/{name' is not a valid folder pattern"),
     ("[train]\non_nonfinite = 'ignore'\n", [], "train.on_nonfinite: expected one of 'stop', 'skip'"),
+    ("[train]\nprecision = 'fp16'\n", [], "train.precision = 'fp16' needs a loss scaler"),
+    ("[train]\nprecision = 'fp8'\n", [], "train.precision: expected one of"),
+    ("[train]\naccumulate = 0\n", [], "train.accumulate: expected a value > 0"),
+    ("[sync]\nstrategy = 'ps_sync'\n[optim]\nclip_norm = 1.0\n", [], "optim.clip_norm: 'ps_sync' applies the update"),
+    ("[model]\nargs = 3\n", [], "model.args: expected a table"),
 ])
 def test_bad_config_names_file_and_key(tmp_path, text, overrides, message):
     with pytest.raises(UserError) as e:

@@ -145,3 +145,57 @@ def test_run_folder_writes_never_follow_planted_symlinks(world, shared_tmp, digi
     assert target.read_text() == "precious"
     if world.is_root:
         assert not (run / "config.toml").is_symlink()
+
+
+# strategies that combine the ranks' gradients: the step sums the same global samples
+# (local strategies step on each rank's own samples, which the grouping changes)
+@pytest.mark.parametrize("strategy", ["allreduce", "ps_sync"])
+def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(world, shared_tmp, digits_h5, make_cfg,
+                                                                      strategy):
+    """The same samples per optimizer step (global shuffle), reduced once per step."""
+    def run(name, batch, k):
+        cfg = make_cfg(shared_tmp / name, digits_h5, model={"name": "mlp", "hidden": [16]},
+                       data={"mode": "replicated", "shuffle": "global"}, sync={"strategy": strategy},
+                       train={"batch_size": batch, "accumulate": k, "max_steps": 6, "epochs": 1})
+        return train(cfg, world, world.logger())
+    row_a, a = run("acc", 4, 3)
+    row_b, b = run("big", 12, 1)
+    torch.testing.assert_close(flat_params(a), flat_params(b), rtol=1e-5, atol=1e-6)
+    assert row_a["step"] == row_b["step"] == 6
+    if strategy == "allreduce":  # one reduction per optimizer step, not per micro-batch
+        assert row_a["comm_bytes_per_step"] == row_b["comm_bytes_per_step"]
+
+
+def test_clip_norm_bounds_the_update_identically_on_every_rank(world, shared_tmp, digits_h5, make_cfg):
+    import mpitrain.train as t
+
+    norms = []
+    orig = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):
+        params = list(params)
+        total = orig(params, max_norm, *a, **kw)
+        norms.append((float(total), float(torch.cat([p.grad.reshape(-1) for p in params]).norm())))
+        return total
+    mp = pytest.MonkeyPatch()
+    mp.setattr(t.torch.nn.utils, "clip_grad_norm_", spy)
+    try:
+        cfg = make_cfg(shared_tmp / "clip", digits_h5, model={"name": "mlp", "hidden": [16]},
+                       optim={"lr": 0.1, "clip_norm": 0.05}, train={"batch_size": 8, "max_steps": 5, "epochs": 1})
+        train(cfg, world, world.logger())
+    finally:
+        mp.undo()
+    assert len(norms) == 5 and all(after <= 0.05 * 1.0001 for _, after in norms)
+    assert any(before > 0.05 for before, _ in norms)  # it did clip
+    got = world.allgather(norms)
+    assert all(g == got[0] for g in got)  # the reduced gradient: the same norm everywhere
+
+
+def test_bf16_autocast_trains_like_fp32(world, shared_tmp, digits_h5, make_cfg):
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        cfg = make_cfg(shared_tmp / precision, digits_h5, model={"name": "cnn", "channels": [8, 16]},
+                       train={"batch_size": 16, "epochs": 4, "precision": precision})
+        rows[precision], model = train(cfg, world, world.logger())
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 weights and gradients
+    assert rows["bf16"]["test_acc"] >= rows["fp32"]["test_acc"] - 0.05, rows

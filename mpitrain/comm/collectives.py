@@ -78,6 +78,7 @@ class GradBuckets:
         self.is_cuda = bool(self.buffers) and self.buffers[0].is_cuda
         self.direct = self.is_cuda and self._choose_direct(cuda_path, log)
         self.stagers = [buffers.Stager(f) for f in self.buffers] if self.is_cuda else None
+        self.paused = False
         self._hooks = [p.register_post_accumulate_grad_hook(self.grad_ready) for p in self.params]
         self._reset()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
@@ -108,6 +109,8 @@ class GradBuckets:
         if p.grad is not view:  # someone replaced .grad (e.g. zero_grad(set_to_none=True))
             view.copy_(p.grad)
             p.grad = view
+        if self.paused:  # accumulating micro-batches: reduce after the last one only
+            return
         b = self.bucket_of[p]
         self._left[b] -= 1
         if self._left[b] == 0:

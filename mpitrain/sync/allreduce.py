@@ -55,3 +55,10 @@ class AllreduceStrategy:
 
     def consolidated(self):
         return contextlib.nullcontext()  # the replicas never differ
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward accumulates into the buckets without reducing (gradient accumulation)."""
+        self.buckets.paused = True
+        yield
+        self.buckets.paused = False

@@ -36,6 +36,8 @@ class Strategy(Protocol):
     by 1/(global batch); False: each rank steps on its own gradient (1/(local batch))."""
     uneven_steps: ClassVar[bool]
     """True: ranks may run different numbers of steps (allows data.assign = 'dynamic')."""
+    remote_update: ClassVar[bool]
+    """True: the update is applied elsewhere (a parameter store), not by the local optimizer."""
 
     def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               resources: contextlib.ExitStack) -> None:
@@ -66,6 +68,14 @@ class Stateful(Protocol):
 
 
 @runtime_checkable
+class NoSync(Protocol):
+    """Optional, for strategies that reduce during backward (hooks): gradient accumulation."""
+
+    def no_sync(self) -> ContextManager[None]:
+        """Within the block, backward only accumulates gradients locally (no reduction)."""
+
+
+@runtime_checkable
 class Reporting(Protocol):
     """Optional: figures for metrics.jsonl beyond what the loop measures itself."""
 
@@ -88,6 +98,7 @@ def register(name: str, *, roles: Roles | None = None):
                 raise TypeError(f"strategy {name!r} must declare {attr}")
         cls.name = name
         cls.uneven_steps = getattr(cls, "uneven_steps", False)
+        cls.remote_update = getattr(cls, "remote_update", False)
         REGISTRY[name] = cls
         if roles is not None:
             ROLES[name] = roles
