@@ -12,4 +12,8 @@ def __getattr__(name):  # lazy: `import mpitrain` stays cheap and does not initi
         from .comm import World
 
         return World
+    if name in ("init", "distribute", "Loader", "save", "restore", "DistributedOptimizer"):
+        from . import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'mpitrain' has no attribute {name!r}")

@@ -63,7 +63,7 @@ def save(job, pos: Position) -> str:
                 step=pos.step, epoch=pos.epoch, samples_in_epoch=pos.samples_in_epoch, world_size=world.size,
                 strategy=job.cfg.sync.strategy, model_name=model_id(job.cfg.model), config=job.cfg.dumps(),
                 model={k: v.detach().cpu().numpy() for k, v in job.model.state_dict().items()},
-                **_optimizer_arrays(job.optimizer), strategy_state=sstate, rng=np.stack(rng),
+                **optimizer_arrays(job.optimizer), strategy_state=sstate, rng=np.stack(rng),
                 rank_state=every_own or [])
             try:
                 secs = checkpoint.write(path, snap)
@@ -83,7 +83,7 @@ def save(job, pos: Position) -> str:
 def _own_state(job) -> dict[str, np.ndarray]:
     """This rank's parameters, local optimizer state and strategy state, as arrays."""
     out = {f"param.{k}": v.detach().cpu().numpy().copy() for k, v in job.model.state_dict().items()}
-    for i, entries in _optimizer_arrays(job.optimizer)["optimizer_state"].items():
+    for i, entries in optimizer_arrays(job.optimizer)["optimizer_state"].items():
         out.update({f"optim.{i}.{k}": v for k, v in entries.items()})
     if isinstance(job.strategy, sync.Stateful):
         out.update({f"strategy.{k}": v for k, v in job.strategy.state_dict().items()})
@@ -164,7 +164,7 @@ def _load_optimizer(job, optimizer_state, param_groups) -> None:
                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
 
-def _optimizer_arrays(opt: torch.optim.Optimizer) -> dict:
+def optimizer_arrays(opt: torch.optim.Optimizer) -> dict:
     sd = opt.state_dict()
     state = {str(i): {k: (v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v))
                       for k, v in entries.items()} for i, entries in sd["state"].items()}

@@ -250,6 +250,19 @@ def test_kvstore_example_script(np_, mpirun):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("np_", NPS)
+def test_custom_training_script(np_, tmp_path, digits, mpirun):
+    """scripts/train_custom.py: a user's model and loop through the Python API."""
+    r = mpirun(np_, "--data", digits, "--strategy", "local_sgd", "--option", "period=2", "--epochs", "6",
+               "--checkpoint", tmp_path / "api.h5", script="scripts/train_custom.py", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = float(r.stdout.rsplit("final test accuracy", 1)[1])
+    assert final >= 0.95, r.stdout
+    restored, saved = r.stdout.split("test accuracy ")[-2].split(" (saved ")
+    assert float(restored) == float(saved.split(")")[0]), r.stdout
+
+
+@pytest.mark.timeout(300)
 def test_compare_and_report_commands(tmp_path, digits, mpirun, repo_root):
     spec = tmp_path / "cmp.toml"
     spec.write_text(f'job = "{repo_root}/jobs/digits.toml"\nout = "{tmp_path}/cmp"\ntarget = 0.5\n'
