@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--out", default="data/digits/digits.h5")
     dg.add_argument("--test-fraction", type=float, default=0.2)
     dg.add_argument("--seed", type=int, default=0)
+    df = d.add_parser("fashion-mnist", help="Fashion-MNIST (apt: dataset-fashion-mnist) -> data/fashion-mnist/fashion.h5")
+    df.add_argument("--from", dest="source", default="/usr/share/datasets/fashion-mnist",
+                    help="folder with the four upstream IDX files (.gz or not)")
+    df.add_argument("--out", default="data/fashion-mnist/fashion.h5")
     ds = d.add_parser("synthetic", help="teacher-network data of any size, written in parallel (mpio)")
     ds.add_argument("--out", required=True)
     ds.add_argument("--samples", type=int, default=100_000)
@@ -156,6 +160,10 @@ def _startup_watchdog_s() -> float:
 def _serial_data(args, prepare):
     if args.what == "digits":
         return prepare.digits(args.out, args.test_fraction, args.seed)
+    if args.what == "fashion-mnist":
+        from .data import fashion
+
+        return fashion.prepare(args.out, args.source)
     return prepare.convert(args.src, args.out, args.x, args.y, args.test_fraction, args.seed)
 
 

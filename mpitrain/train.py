@@ -123,7 +123,6 @@ def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
         if dog is None:  # called from Python, not the command line: watch this run
             dog = Watchdog(cfg.train.watchdog_s, world)
             resources.callback(dog.close)
-        dog.set_timeout(cfg.train.watchdog_s)
         workers, serve = sync.roles(cfg.sync, world, log)
         if serve is not None:
             serve()
@@ -135,6 +134,9 @@ def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
             job.strategy.setup(job.model, job.optimizer, resources)
             if pos.snapshot is not None:
                 state.restore_strategy(job, pos.snapshot)
+        # the job's limit from the first step on; until then the start-up one (imports, data
+        # loading and resume can take longer than a step: MPITRAIN_WATCHDOG_S, default 600 s)
+        dog.set_timeout(cfg.train.watchdog_s)
         with dog.phase("training"):
             row = loop(job, pos, stop_flag(), dog)
         resources.callback(dog.enter, "teardown")  # runs first: the release is watched too

@@ -28,6 +28,17 @@ command -v cc >/dev/null || need+=(build-essential)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || need+=(python3-dev)
+# Fashion-MNIST's IDX files for `mpitrain data fashion-mnist` (and its tests): a data
+# package of Debian 12 / Ubuntu 24.04, installed when apt offers it
+if ! dpkg-query -W -f='${Status}' dataset-fashion-mnist 2>/dev/null | grep -q "install ok installed" \
+   && [ "${MPITRAIN_SKIP_APT:-0}" != 1 ]; then
+  apt-cache show dataset-fashion-mnist >/dev/null 2>&1 || $SUDO apt-get update -qq || true
+  if apt-cache show dataset-fashion-mnist >/dev/null 2>&1; then
+    need+=(dataset-fashion-mnist)
+  else
+    say "apt offers no dataset-fashion-mnist: mpitrain data fashion-mnist will need --from DIR"
+  fi
+fi
 if [ ${#need[@]} -gt 0 ]; then
   [ "${MPITRAIN_SKIP_APT:-0}" = 1 ] && die "missing system packages: ${need[*]} (MPITRAIN_SKIP_APT=1 set)"
   say "installing system packages: ${need[*]}"

@@ -159,6 +159,11 @@ def _read_split(x, y, cfg, world, replicated: bool) -> Split:
     xs = _read_rows(x, lo, hi, n_reads, collective)
     ys = _read_rows(y, lo, hi, n_reads, collective).astype(np.int64)
     xs = xs.astype(np.float32, copy=False)
+    scale = x.attrs.get("scale")
+    if scale is not None:  # e.g. uint8 pixels stored with scale 1/255
+        if np.ndim(scale) or not np.issubdtype(np.asarray(scale).dtype, np.number) or not np.isfinite(scale):
+            raise UserError(f"{cfg.path}: {x.name} attribute scale must be a finite number, got {scale!r}")
+        xs *= np.float32(scale)
     if cfg.check_finite and x.dtype.kind == "f":
         bad = ~np.isfinite(xs.reshape(len(xs), -1)).all(axis=1)
         if bad.any():

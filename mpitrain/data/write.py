@@ -16,22 +16,27 @@ from ..errors import UserError
 
 
 def write_serial(path: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
-                 num_classes: int, source: str, description: str = "") -> None:
-    """Write whole arrays from one process (atomically: temp file, then rename)."""
+                 num_classes: int, source: str, description: str = "", x_dtype=np.float32,
+                 x_scale: float | None = None) -> None:
+    """Write whole arrays from one process (atomically: temp file, then rename). Inputs are
+    stored as `x_dtype`; `x_scale` (an attribute of each x) is what the loader multiplies
+    them by."""
     try:
-        _write_serial(Path(path), splits, num_classes, source, description)
+        _write_serial(Path(path), splits, num_classes, source, description, x_dtype, x_scale)
     except OSError as e:
         raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
-def _write_serial(path: Path, splits, num_classes, source, description) -> None:
+def _write_serial(path: Path, splits, num_classes, source, description, x_dtype, x_scale) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with h5py.File(tmp, "w") as f:
         _attrs(f, num_classes, source, description)
         for name, (x, y) in splits.items():
             g = f.create_group(name)
-            g.create_dataset("x", data=np.asarray(x, dtype=np.float32))
+            dx = g.create_dataset("x", data=np.asarray(x, dtype=x_dtype))
+            if x_scale is not None:
+                dx.attrs["scale"] = x_scale
             g.create_dataset("y", data=np.asarray(y, dtype=np.int64))
     tmp.replace(path)
 
