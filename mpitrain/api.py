@@ -163,6 +163,7 @@ def restore(path: str, model: torch.nn.Module, optimizer: DistributedOptimizer) 
     and the strategy, at any world size; returns the saved step."""
     from pathlib import Path
 
+    from .state import load_optimizer
     from .sync import Stateful
 
     world = optimizer.world
@@ -171,13 +172,8 @@ def restore(path: str, model: torch.nn.Module, optimizer: DistributedOptimizer) 
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in snap.model.items()})
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path}: does not fit this model: {e}") from None
-    if snap.optimizer_state:
-        optimizer.optimizer.load_state_dict({
-            "state": {int(i): {k: torch.from_numpy(np.array(v)) if np.ndim(v) or k != "step"
-                               else torch.tensor(float(v)) for k, v in e.items()}
-                      for i, e in snap.optimizer_state.items()},
-            "param_groups": [dict(g, **{k: v for k, v in mine.items() if k != "params"})
-                             for g, mine in zip(snap.param_groups, optimizer.optimizer.param_groups)]})
+    if snap.optimizer_state or snap.param_groups:
+        world.agree(load_optimizer, optimizer.optimizer, snap.optimizer_state, snap.param_groups)
     if isinstance(optimizer.strategy, Stateful):
         optimizer.strategy.load_state_dict(snap.strategy_state)
     optimizer.steps = snap.step

@@ -137,8 +137,10 @@ def _check_position(job, snap: checkpoint.Snapshot) -> None:
         raise UserError(f"checkpoint at step {snap.step} does not fit this job: {'; '.join(problems)}")
 
 
-def _load_optimizer(job, optimizer_state, param_groups) -> None:
-    opt = job.optimizer
+def load_optimizer(opt: torch.optim.Optimizer, optimizer_state, param_groups) -> dict:
+    """Load checkpoint arrays into `opt` after checking every shape against its parameters;
+    the hyperparameters stay `opt`'s own (the lr is the checkpoint's, i.e. where the schedule
+    was). Returns {name: (checkpoint's, kept)} for those that differed."""
     mine = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
     params = [p for g in opt.param_groups for p in g["params"]]
     state = {}
@@ -155,13 +157,12 @@ def _load_optimizer(job, optimizer_state, param_groups) -> None:
     try:
         opt.load_state_dict({"state": state, "param_groups": param_groups})
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"checkpoint optimizer state does not fit optim.name = {job.cfg.optim.name!r}: {e}") from None
+        raise UserError(f"checkpoint optimizer state does not fit this {type(opt).__name__}: {e}") from None
+    changed = {}
     for g, want in zip(opt.param_groups, mine):
-        changed = {k: (g.get(k), v) for k, v in want.items() if g.get(k) != v}
+        changed.update({k: (g.get(k), v) for k, v in want.items() if g.get(k) != v})
         g.update(want)
-        if changed and job.world.is_root:
-            job.log.info("optimizer settings from the job file, not the checkpoint: "
-                         + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    return changed
 
 
 def optimizer_arrays(opt: torch.optim.Optimizer) -> dict:
@@ -213,7 +214,10 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
     job.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.items()})
     opt_state = _own_optimizer_state(own) if own else snap.optimizer_state
     if opt_state or snap.param_groups:
-        _load_optimizer(job, opt_state, snap.param_groups)
+        changed = load_optimizer(job.optimizer, opt_state, snap.param_groups)
+        if changed and job.world.is_root:
+            job.log.info("optimizer settings from the job file, not the checkpoint: "
+                         + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     # the LR schedule is a closed form of the step (LambdaLR): jump to it in O(1)
     job.schedule.last_epoch = snap.step - 1
     with warnings.catch_warnings():
