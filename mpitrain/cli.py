@@ -61,13 +61,28 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--classes", type=int, default=10)
     ds.add_argument("--hidden", type=int, default=64)
     ds.add_argument("--seed", type=int, default=0)
-    dc = d.add_parser("convert", help="a .npz with input and label arrays -> HDF5")
+    dc = d.add_parser("convert", help="a .npz with input and target arrays -> HDF5 (streamed in chunks)")
     dc.add_argument("src")
     dc.add_argument("out")
     dc.add_argument("--x", default="x", help="name of the input array in the .npz")
-    dc.add_argument("--y", default="y", help="name of the label array in the .npz")
-    dc.add_argument("--test-fraction", type=float, default=0.0)
-    dc.add_argument("--seed", type=int, default=0)
+    dc.add_argument("--y", default="y", help="name of the target array: integer labels (N,) or float targets "
+                                             "(N,) / (N, k) for regression")
+    dc.add_argument("--test-fraction", type=float, default=0.0, help="a random test split of this fraction")
+    dc.add_argument("--seed", type=int, default=0, help="of the --test-fraction permutation")
+    dc.add_argument("--test", dest="test_src", metavar="OTHER.npz",
+                    help="official test split: the arrays --x/--y of another .npz (rows kept in order)")
+    dc.add_argument("--x-test", metavar="NAME", help="official test split: its input array in this .npz")
+    dc.add_argument("--y-test", metavar="NAME", help="official test split: its target array in this .npz")
+    dc.add_argument("--scale", type=float, metavar="S",
+                    help="the attribute `scale` of x, which the loader multiplies by; integer inputs (e.g. uint8) "
+                         "are then stored as they are")
+    dt = d.add_parser("text", help="a text file -> a token stream (train/tokens, test/tokens) for language models")
+    dt.add_argument("src", metavar="FILE", help="the text file (UTF-8 for --level char)")
+    dt.add_argument("--out", required=True, help="the HDF5 file to write")
+    dt.add_argument("--level", default="char", choices=("char", "byte"),
+                    help="char: the file's distinct characters are the vocabulary; byte: the 256 byte values")
+    dt.add_argument("--test-fraction", type=float, default=0.1,
+                    help="the last fraction of the stream is the test split (0: none)")
 
     b = sub.add_parser("bench", help="benchmarks that print ratios against an in-run baseline")
     bs = b.add_subparsers(dest="what", required=True)
@@ -164,7 +179,12 @@ def _serial_data(args, prepare):
         from .data import fashion
 
         return fashion.prepare(args.out, args.source)
-    return prepare.convert(args.src, args.out, args.x, args.y, args.test_fraction, args.seed)
+    if args.what == "text":
+        from .data import text
+
+        return text.prepare(args.src, args.out, args.level, args.test_fraction)
+    return prepare.convert(args.src, args.out, args.x, args.y, args.test_fraction, args.seed, test_src=args.test_src,
+                           x_test_key=args.x_test, y_test_key=args.y_test, scale=args.scale)
 
 
 def main(argv=None) -> None:

@@ -22,13 +22,13 @@ from .options import build, opt as _opt, to_dict
 
 @dataclass(frozen=True)
 class ModelCfg:
-    name: str = _opt("mlp", help="a built-in model: mlp | cnn (used when factory is empty)")
+    name: str = _opt("mlp", help="a built-in model: mlp | cnn | resnet | gpt (used when factory is empty)")
     factory: str = _opt("", help="your model: 'package.module:function' (importable from the job file's "
                                  "folder or PYTHONPATH), called with [model.args] + input_shape, num_classes")
     args: dict = _opt({}, help="keyword arguments for the factory")
     hidden: tuple[int, ...] = _opt((128, 128), help="mlp: hidden layer widths")
     channels: tuple[int, ...] = _opt((16, 32), help="cnn: conv channels per block")
-    dropout: float = _opt(0.0, min=0.0, lt=1.0, help="mlp, cnn: dropout probability")
+    dropout: float = _opt(0.0, min=0.0, lt=1.0, help="mlp, cnn, gpt: dropout probability")
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,11 @@ class DataCfg:
     train: str = _opt("train", help="HDF5 group of the training split")
     test: str = _opt("test", help="HDF5 group of the test split ('' = no evaluation)")
     x: str = _opt("x", help="dataset name of the inputs inside a split group")
-    y: str = _opt("y", help="dataset name of the integer labels inside a split group")
+    y: str = _opt("y", help="dataset name of the targets inside a split group (integer labels or floats)")
     shuffle: str = _opt("auto", choices=("auto", "global", "shard", "none"),
                         help="auto = global when replicated, shard when partitioned")
-    read_chunk: int = _opt(65536, gt=0, max=2**31 - 1, help="samples per collective HDF5 read")
+    read_chunk: int = _opt(65536, gt=0, max=2**31 - 1, help="samples (tokens) per collective HDF5 read")
+    seq_len: int = _opt(0, min=0, max=2**20, help="token streams: tokens per sample (window); required there")
     check_finite: bool = _opt(True, help="reject NaN/inf inputs when loading (one pass over the data)")
     assign: str = _opt("static", choices=("static", "dynamic"),
                        help="dynamic: batches claimed first come, first served (async + replicated only)")
@@ -75,8 +76,9 @@ class TrainCfg:
     progress: bool = _opt(True, help="tqdm bar on rank 0")
     eval_every: int = _opt(1, gt=0, help="evaluate every this many epochs (and at the end)")
     watchdog_s: float = _opt(600.0, min=0.0, help="abort when a rank sees no progress this long (0 = off)")
-    loss: str = _opt("cross_entropy", help="cross_entropy | mse (against one-hot labels) | "
-                                          "'package.module:function'(output, target) -> per-sample losses")
+    loss: str = _opt("auto", help="auto (cross_entropy for labels and tokens, mse for float targets) | "
+                                 "cross_entropy | mse | 'package.module:function'(output, target) -> "
+                                 "per-sample losses")
     accumulate: int = _opt(1, gt=0, max=4096, help="micro-batches per optimizer step (reduced after the last)")
     precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"),
                           help="autocast of forward and loss (bf16 on CPU and CUDA); gradients stay fp32")

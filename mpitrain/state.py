@@ -16,6 +16,7 @@ from . import __version__, checkpoint, sync
 from .errors import AgreedError, UserError
 from .faults import Diverged
 from .models import BUILTIN, model_id
+from .sync.helpers import average_buffers
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ def save(job, pos: Position) -> str:
     A failure (e.g. disk full) leaves the previous checkpoints untouched and is raised as
     one AgreedError on every rank."""
     world, strategy = job.world, job.strategy
+    average_buffers(job.model, world)  # e.g. BatchNorm statistics: the same on every rank
     # where the replicas differ (local steps), every rank's own state is saved as it was
     # before consolidation and put back afterwards: a checkpoint never changes training
     own = None if strategy.sums_gradients else _own_state(job)

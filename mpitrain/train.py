@@ -23,7 +23,9 @@ from .comm import heartbeat
 from .faults import (Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag,
                      watchdog)
 from .metrics import MetricsLog, trim as trim_metrics
-from .models import build_loss, build_model, build_optimizer, build_schedule, model_id
+from .models import build_model, build_optimizer, build_schedule, model_id
+from .sync.helpers import average_buffers
+from .tasks import Metric, build_loss
 
 
 def configure_threads(threads: int, world) -> int:
@@ -57,19 +59,20 @@ def prepare_run_dir(cfg: Config, world) -> Path:
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, split, world, device, batch_size: int = 1024) -> dict:
-    """Collective: test loss and accuracy over the whole split; each rank evaluates its shard."""
+def evaluate(model, loss_fn, metric: Metric, split, world, device, batch_size: int = 256) -> dict:
+    """Collective: test loss and the task's metric (test_acc, test_mse or test_ppl) over the
+    whole split, in fp32; each rank evaluates its shard."""
     model.eval()
     lo, hi = world.shard(split.total)
-    totals = np.zeros(3)  # loss sum, correct, count
+    totals = np.zeros(3)  # loss sum, metric sum, count
     for a in range(lo, hi, batch_size):
         x, y = (torch.from_numpy(t).to(device) for t in split.take(np.arange(a, min(a + batch_size, hi))))
         heartbeat.tick()
         out = model(x)
-        totals += [loss_fn(out, y).item(), (out.argmax(1) == y).sum().item(), len(y)]
-    loss, correct, count = world.sum(totals)
+        totals += [loss_fn(out, y).item(), metric.batch(out, y), len(y)]
+    loss, value, count = world.sum(totals)
     model.train()
-    return {"test_loss": loss / count, "test_acc": correct / count}
+    return {"test_loss": loss / count, metric.name: metric.row(value / count)}
 
 
 @dataclass
@@ -82,10 +85,11 @@ class Job:
     device: torch.device
     threads: int
     run_dir: Path
-    train_split: hdf5.Split
-    test_split: hdf5.Split | None
+    train_split: hdf5.Split | hdf5.TokenSplit
+    test_split: hdf5.Split | hdf5.TokenSplit | None
     model: torch.nn.Module
     loss: object  # (output, target) -> the batch's summed loss
+    metric: Metric
     optimizer: torch.optim.Optimizer
     sampler: DistributedSampler | DynamicSampler
     schedule: torch.optim.lr_scheduler.LRScheduler
@@ -99,8 +103,8 @@ def build(cfg: Config, world, log, resources) -> Job:
     run_dir = prepare_run_dir(cfg, world)
     train_split, test_split, meta = hdf5.load(cfg.data, world)
     torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
-    model = world.agree(build_model, cfg.model, meta.input_shape, meta.num_classes, cfg.job_dir).to(device)
-    loss = world.agree(build_loss, cfg.train.loss, cfg.job_dir)
+    model = world.agree(build_model, cfg.model, meta, cfg.job_dir).to(device)
+    loss = world.agree(build_loss, cfg.train.loss, meta.task, cfg.job_dir)
     optimizer = world.agree(build_optimizer, cfg.optim, model.parameters(), world.size)
     t = cfg.train
     if cfg.data.assign == "dynamic":
@@ -111,8 +115,8 @@ def build(cfg: Config, world, log, resources) -> Job:
                                      shuffle_of(cfg.data))
     schedule = build_schedule(cfg.optim, optimizer, -(-sampler.steps_per_epoch // t.accumulate), t.epochs)
     strategy = world.agree(sync.create, cfg.sync, world, log)
-    return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, optimizer,
-               sampler, schedule, strategy)
+    return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, Metric(meta.task),
+               optimizer, sampler, schedule, strategy)
 
 
 def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
@@ -223,8 +227,10 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
         with dog.waiting(step):
             last = epoch == cfg.train.epochs - 1 or world.any(step >= max_steps)
             with strategy.consolidated(), dog.phase("evaluation"):
-                tested = (evaluate(model, job.loss, job.test_split, world, device) if job.test_split is not None
-                          and ((epoch + 1) % cfg.train.eval_every == 0 or last) else {})
+                evaluating = job.test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last)
+                if evaluating:
+                    average_buffers(model, world)  # e.g. BatchNorm statistics: one model to evaluate
+                tested = evaluate(model, job.loss, job.metric, job.test_split, world, device) if evaluating else {}
             row = epoch_row(job, epoch, step, train_time, [loss_sum, local, world.bytes_sent() - sent,
                                                            step - first_step,
                                                            skipped / (world.size if sampler.lockstep else 1)]) | tested
@@ -358,7 +364,6 @@ def announce(job: Job) -> None:
 
 def log_epoch(job: Job, row: dict) -> None:
     if job.world.is_root:
-        job.log.info("epoch {epoch}: step {step}, train_loss {train_loss:.4f}".format(**row)
-                     + (", test_loss {test_loss:.4f}, test_acc {test_acc:.4f}".format(**row)
-                        if "test_acc" in row else "")
+        tested = "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("test_"))
+        job.log.info("epoch {epoch}: step {step}, train_loss {train_loss:.4f}".format(**row) + tested
                      + f", {row['samples_per_s']:.0f} samples/s")

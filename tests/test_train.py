@@ -23,12 +23,13 @@ def flat_params(model):
 def single_process_reference(cfg, digits_h5, steps, size):
     """What one process with batch N*B does on the same global batches (no MPI)."""
     import h5py
+    from mpitrain.data.hdf5 import Meta
     from mpitrain.models import build_model, build_optimizer, build_schedule
 
     with h5py.File(digits_h5, "r") as f:
         x, y = f["train/x"][:].astype(np.float32), f["train/y"][:].astype(np.int64)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, x.shape[1:], 10)
+    model = build_model(cfg.model, Meta(x.shape[1:], 10))
     opt = build_optimizer(cfg.optim, model.parameters(), 1)
     sampler = DistributedSampler(len(y), 1, 0, cfg.train.batch_size * size, cfg.train.seed, "global")
     sched = build_schedule(cfg.optim, opt, sampler.steps_per_epoch, cfg.train.epochs)

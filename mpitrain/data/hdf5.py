@@ -1,8 +1,14 @@
 """Parallel-HDF5 splits: each rank reads its shard (partitioned) or everything (replicated).
 
+Two layouts. Samples: `GROUP/x` (N, ...) with `GROUP/y` integer labels (N,) (classification)
+or float targets (N,) / (N, k) (regression). Token streams: `GROUP/tokens` (T,) integer ids
+with a file attribute `vocab_size` (next-token language modelling); sample i is the window
+of tokens [i*L, i*L + L + 1) for L = data.seq_len, so an epoch covers the stream once.
+
 Reads are collective (`driver="mpio"`, `dset.collective`), in chunks of `read_chunk`
-samples, and every rank issues the same number of reads. Shapes, dtypes and label ranges
-are validated on load; any problem becomes one UserError agreed on by all ranks.
+samples (tokens), and every rank issues the same number of reads. Shapes, dtypes and label
+or token ranges are validated on load; any problem becomes one UserError agreed on by all
+ranks.
 """
 
 from __future__ import annotations
@@ -32,10 +38,41 @@ class Split:
         return self.x[local], self.y[local]
 
 
+@dataclass
+class TokenSplit:
+    """Windows of a token stream: sample i is tokens [i*L, i*L + L + 1) (inputs: the first
+    L, targets: the last L). This rank holds the tokens of windows [offset, offset + n),
+    i.e. its contiguous token range plus one token of overlap."""
+
+    tokens: np.ndarray  # int64
+    offset: int  # first window held
+    total: int  # windows in the whole split
+    seq_len: int
+
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        starts = (np.asarray(idx, dtype=np.int64) - self.offset) * self.seq_len
+        w = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
+        return w[:, :-1], w[:, 1:]
+
+
+TASKS = ("classify", "regress", "lm")
+
+
 @dataclass(frozen=True)
 class Meta:
+    """What the data says about the model: one sample's shape and the task's output size."""
+
     input_shape: tuple[int, ...]
-    num_classes: int
+    num_classes: int = 0  # classify
+    task: str = "classify"  # classify | regress | lm
+    num_outputs: int = 0  # regress: target width (1 for (N,) targets)
+    vocab_size: int = 0  # lm
+
+    def factory_kwargs(self) -> dict:
+        """What a model factory is called with besides [model.args]."""
+        size = {"classify": ("num_classes", self.num_classes), "regress": ("num_outputs", self.num_outputs),
+                "lm": ("vocab_size", self.vocab_size)}[self.task]
+        return {"input_shape": self.input_shape, size[0]: size[1]}
 
 
 def _read_rows(dset, lo: int, hi: int, n_reads: int, collective: bool) -> np.ndarray:
@@ -68,10 +105,12 @@ def _split_datasets(f: h5py.File, path: str, group: str, xname: str, yname: str)
         raise UserError(f"{where}: {xname} and {yname} must be datasets")
     if x.dtype.kind not in "fiu":
         raise UserError(f"{where}{xname}: inputs must be numeric, got dtype {x.dtype}")
-    if y.dtype.kind not in "iu":
-        raise UserError(f"{where}{yname}: labels must be integers, got dtype {y.dtype}")
-    if y.ndim != 1:
-        raise UserError(f"{where}{yname}: labels must be 1-D, got shape {y.shape}")
+    if y.dtype.kind not in "iuf":
+        raise UserError(f"{where}{yname}: targets must be integer labels or float values, got dtype {y.dtype}")
+    if y.dtype.kind in "iu" and y.ndim != 1:
+        raise UserError(f"{where}{yname}: integer labels must be 1-D, got shape {y.shape}")
+    if y.ndim not in (1, 2):
+        raise UserError(f"{where}{yname}: float targets must be (N,) or (N, k), got shape {y.shape}")
     if x.ndim < 2:
         raise UserError(f"{where}{xname}: inputs must be (samples, features...), got shape {x.shape}")
     if x.shape[0] != y.shape[0]:
@@ -81,7 +120,7 @@ def _split_datasets(f: h5py.File, path: str, group: str, xname: str, yname: str)
     return x, y
 
 
-def load(cfg, world) -> tuple[Split, Split | None, Meta]:
+def load(cfg, world) -> tuple[Split | TokenSplit, Split | TokenSplit | None, Meta]:
     """Collective: open cfg.path and read the train (and test) split for this rank."""
     path = cfg.path
     # agree on the cheap checks before the collective open (a missing file must not hang)
@@ -98,13 +137,22 @@ def load(cfg, world) -> tuple[Split, Split | None, Meta]:
     except OSError as e:
         raise AgreedError(f"{path}: cannot open HDF5 file: {e}") from None
     try:
-        splits, num_classes = world.agree(_load_open, f, cfg, world)
+        splits, meta = world.agree(_load_open, f, cfg, world)
     finally:
         f.close()
+    if meta.task == "classify":
+        meta = _check_labels(path, splits, meta, world)
+    elif meta.task == "lm":
+        _check_tokens(path, splits, meta, world)
+    return splits[0], (splits[1] if len(splits) > 1 else None), meta
+
+
+def _check_labels(path, splits, meta, world) -> Meta:
+    """Collective: the agreed label range, and so the number of classes."""
     lo = min((int(s.y.min()) for s in splits if len(s.y)), default=0)
     hi = max((int(s.y.max()) for s in splits if len(s.y)), default=0)
     lo, hi = world.min(lo), world.max(hi)
-    num_classes = num_classes or hi + 1
+    num_classes = meta.num_classes or hi + 1
     if num_classes > MAX_CLASSES:
         raise AgreedError(f"{path}: labels up to {hi} mean {hi + 1} classes (at most {MAX_CLASSES}); "
                           "labels must be class indices 0..C-1")
@@ -112,8 +160,15 @@ def load(cfg, world) -> tuple[Split, Split | None, Meta]:
         raise AgreedError(f"{path}: labels must lie in [0, {num_classes}), found [{lo}, {hi}]")
     if num_classes < 2:
         raise AgreedError(f"{path}: need at least 2 classes, found {num_classes}")
-    meta = Meta(tuple(splits[0].x.shape[1:]), num_classes)
-    return splits[0], (splits[1] if len(splits) > 1 else None), meta
+    return Meta(meta.input_shape, num_classes)
+
+
+def _check_tokens(path, splits, meta, world) -> None:
+    """Collective: every token id is in [0, vocab_size)."""
+    lo = world.min(min((int(s.tokens.min()) for s in splits if len(s.tokens)), default=0))
+    hi = world.max(max((int(s.tokens.max()) for s in splits if len(s.tokens)), default=0))
+    if lo < 0 or hi >= meta.vocab_size:
+        raise AgreedError(f"{path}: token ids must lie in [0, vocab_size = {meta.vocab_size}), found [{lo}, {hi}]")
 
 
 def _load_open(f, cfg, world):
@@ -121,18 +176,62 @@ def _load_open(f, cfg, world):
     for g, key in groups:
         if g not in f:
             raise UserError(f"{cfg.path}: no group {g!r} (data.{key}); found: {', '.join(sorted(f.keys()))}")
+    if isinstance(f[cfg.train], h5py.Group) and "tokens" in f[cfg.train] and cfg.x not in f[cfg.train]:
+        return _load_tokens(f, cfg, world, [g for g, _ in groups])
+    if cfg.seq_len:
+        raise UserError(f"{cfg.path}: data.seq_len applies to token streams ({cfg.train}/tokens); "
+                        f"this file has {cfg.train}/{cfg.x}: remove data.seq_len")
     train_x, train_y = _split_datasets(f, cfg.path, cfg.train, cfg.x, cfg.y)
     test_ds = _split_datasets(f, cfg.path, cfg.test, cfg.x, cfg.y) if len(groups) > 1 else None
     if test_ds and test_ds[0].shape[1:] != train_x.shape[1:]:
         raise UserError(f"{cfg.path}: test inputs have shape {test_ds[0].shape[1:]}, train {train_x.shape[1:]}")
+    if test_ds and (test_ds[1].dtype.kind == "f") != (train_y.dtype.kind == "f") \
+            or test_ds and train_y.dtype.kind == "f" and test_ds[1].shape[1:] != train_y.shape[1:]:
+        raise UserError(f"{cfg.path}: test targets ({test_ds[1].dtype} {test_ds[1].shape[1:]}) do not match "
+                        f"train targets ({train_y.dtype} {train_y.shape[1:]})")
     n = train_x.shape[0]
     if cfg.mode == "partitioned" and n < world.size:
         raise UserError(f"{cfg.path}: {n} training samples cannot be partitioned over {world.size} ranks")
-    num_classes = _num_classes(f, cfg.path)
     splits = [_read_split(train_x, train_y, cfg, world, replicated=cfg.mode == "replicated")]
     if test_ds:
         splits.append(_read_split(*test_ds, cfg, world, replicated=False))
-    return splits, num_classes
+    shape = tuple(train_x.shape[1:])
+    if train_y.dtype.kind == "f":
+        return splits, Meta(shape, task="regress", num_outputs=int(train_y.shape[1]) if train_y.ndim == 2 else 1)
+    return splits, Meta(shape, _num_classes(f, cfg.path) or 0)
+
+
+MAX_VOCAB = 2**24
+
+
+def _load_tokens(f, cfg, world, groups):
+    """The token-stream layout: GROUP/tokens, file attribute vocab_size."""
+    raw = f.attrs.get("vocab_size")
+    v = np.asarray(raw) if raw is not None else None
+    if v is None or v.ndim != 0 or v.dtype.kind not in "iu" or not 2 <= int(v) <= MAX_VOCAB:
+        raise UserError(f"{cfg.path}: token data needs a file attribute vocab_size, an integer in [2, {MAX_VOCAB}]"
+                        f", got {raw!r}")
+    if not cfg.seq_len:
+        raise UserError(f"{cfg.path}: token-stream data: set data.seq_len (tokens per sample, e.g. 64)")
+    splits = []
+    for g in groups:
+        d = f[g].get("tokens")
+        if not isinstance(d, h5py.Dataset) or d.ndim != 1 or d.dtype.kind not in "iu":
+            raise UserError(f"{cfg.path}: {g}/tokens must be a 1-D integer dataset, got "
+                            f"{getattr(d, 'dtype', type(d).__name__)} {getattr(d, 'shape', '')}")
+        replicated = g == cfg.train and cfg.mode == "replicated"
+        windows = (d.shape[0] - 1) // cfg.seq_len
+        if windows < (1 if replicated else world.size):
+            raise UserError(f"{cfg.path}: {g}/tokens has {d.shape[0]} tokens: {windows} windows of data.seq_len = "
+                            f"{cfg.seq_len} (+1), fewer than the {1 if replicated else world.size} "
+                            f"{'needed' if replicated else 'ranks'}; use a smaller data.seq_len")
+        lo, hi = (0, windows) if replicated else world.shard(windows)
+        span = windows if replicated else math.ceil(windows / world.size)
+        n_reads = max(1, math.ceil(span * cfg.seq_len / cfg.read_chunk))
+        collective = (windows // world.size if not replicated else windows) * cfg.seq_len >= n_reads
+        tokens = _read_rows(d, lo * cfg.seq_len, hi * cfg.seq_len + 1, n_reads, collective).astype(np.int64)
+        splits.append(TokenSplit(tokens, lo, windows, cfg.seq_len))
+    return splits, Meta((cfg.seq_len,), task="lm", vocab_size=int(v))
 
 
 MAX_CLASSES = 2**20
@@ -157,7 +256,8 @@ def _read_split(x, y, cfg, world, replicated: bool) -> Split:
     # an empty piece would make h5py skip the collective H5Dread on that rank: fall back
     collective = (n // world.size if not replicated else n) >= n_reads
     xs = _read_rows(x, lo, hi, n_reads, collective)
-    ys = _read_rows(y, lo, hi, n_reads, collective).astype(np.int64)
+    ys = _read_rows(y, lo, hi, n_reads, collective)
+    ys = ys.astype(np.float32 if y.dtype.kind == "f" else np.int64, copy=False)
     xs = xs.astype(np.float32, copy=False)
     scale = x.attrs.get("scale")
     if scale is not None:  # e.g. uint8 pixels stored with scale 1/255
@@ -169,4 +269,7 @@ def _read_split(x, y, cfg, world, replicated: bool) -> Split:
         if bad.any():
             raise UserError(f"{cfg.path}: {x.name} row {lo + int(np.argmax(bad))} is not finite (NaN or inf; "
                             f"{int(bad.sum())} such rows here): fix the data, or set data.check_finite = false")
+    if y.dtype.kind == "f" and not np.isfinite(ys).all():
+        row = lo + int(np.argmax(~np.isfinite(ys.reshape(len(ys), -1)).all(axis=1)))
+        raise UserError(f"{cfg.path}: {y.name} row {row} is not finite (NaN or inf targets)")
     return Split(xs, ys, lo, n)

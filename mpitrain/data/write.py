@@ -1,11 +1,14 @@
 """Writing data sets: the layout every reader expects, and parallel (mpio) writes.
 
-Layout: groups `train` and `test`, each with datasets `x` (N, ...) float32 and `y` (N,)
-int64; file attributes `num_classes`, `source` and `description`.
+Layout: groups `train` and `test`, each with datasets `x` (N, ...) float32 (or integers
+with an attribute `scale` the loader multiplies by) and `y`: (N,) int64 labels, or float32
+regression targets (N,) / (N, k); file attributes `num_classes` (labels only), `source` and
+`description`. Token streams (text.py) use `train/tokens` and `test/tokens` instead.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -14,6 +17,28 @@ import numpy as np
 from ..errors import UserError
 
 
+@contextmanager
+def serial_file(path: str | Path):
+    """An h5py file written from one process, atomically: `path`.tmp, renamed to `path` when
+    the block ends without an error, removed otherwise. An OSError that leaves the block is
+    a UserError "cannot write" (readers turn their own OSErrors into UserErrors first)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(tmp, "w")
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
+    try:
+        with f:
+            yield f
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
+        raise
+
 
 def write_serial(path: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
                  num_classes: int, source: str, description: str = "", x_dtype=np.float32,
@@ -21,16 +46,7 @@ def write_serial(path: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarra
     """Write whole arrays from one process (atomically: temp file, then rename). Inputs are
     stored as `x_dtype`; `x_scale` (an attribute of each x) is what the loader multiplies
     them by."""
-    try:
-        _write_serial(Path(path), splits, num_classes, source, description, x_dtype, x_scale)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
-
-
-def _write_serial(path: Path, splits, num_classes, source, description, x_dtype, x_scale) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with serial_file(path) as f:
         _attrs(f, num_classes, source, description)
         for name, (x, y) in splits.items():
             g = f.create_group(name)
@@ -38,11 +54,12 @@ def _write_serial(path: Path, splits, num_classes, source, description, x_dtype,
             if x_scale is not None:
                 dx.attrs["scale"] = x_scale
             g.create_dataset("y", data=np.asarray(y, dtype=np.int64))
-    tmp.replace(path)
 
 
 def _attrs(f, num_classes, source, description):
-    f.attrs["num_classes"] = int(num_classes)
+    """File attributes; num_classes None (regression targets, token streams) writes none."""
+    if num_classes is not None:
+        f.attrs["num_classes"] = int(num_classes)
     f.attrs["source"] = source
     f.attrs["description"] = description
 

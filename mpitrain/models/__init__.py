@@ -7,13 +7,14 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 
 
-def mlp(input_shape, num_classes, hidden=(128, 128), dropout=0.0) -> nn.Module:
+def mlp(input_shape, num_classes=0, hidden=(128, 128), dropout=0.0, num_outputs=0) -> nn.Module:
+    """Flatten, then Linear-ReLU(-Dropout) layers; the head has num_classes (or, for
+    regression, num_outputs) outputs."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden:
@@ -21,11 +22,11 @@ def mlp(input_shape, num_classes, hidden=(128, 128), dropout=0.0) -> nn.Module:
         if dropout:
             layers.append(nn.Dropout(dropout))
         width = h
-    layers.append(nn.Linear(width, num_classes))
+    layers.append(nn.Linear(width, num_classes or num_outputs))
     return nn.Sequential(*layers)
 
 
-def cnn(input_shape, num_classes, channels=(16, 32), dropout=0.0) -> nn.Module:
+def cnn(input_shape, num_classes=0, channels=(16, 32), dropout=0.0, num_outputs=0) -> nn.Module:
     """Conv3x3-ReLU-MaxPool blocks (pooling while the image is >= 4 px), then a linear head.
     Inputs (H, W) get a channel axis; (C, H, W) are used as they are."""
     if len(input_shape) not in (2, 3):
@@ -44,14 +45,17 @@ def cnn(input_shape, num_classes, channels=(16, 32), dropout=0.0) -> nn.Module:
     layers += [nn.Flatten()]
     if dropout:
         layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(c * h * w, num_classes))
+    layers.append(nn.Linear(c * h * w, num_classes or num_outputs))
     return nn.Sequential(*layers)
 
 
 # the built-in models are factories like any user's: model.name = "mlp" is
 # model.factory = "mpitrain.models:mlp" with model.hidden / model.dropout as arguments
 BUILTIN = {"mlp": ("mpitrain.models:mlp", ("hidden", "dropout")),
-           "cnn": ("mpitrain.models:cnn", ("channels", "dropout"))}
+           "cnn": ("mpitrain.models:cnn", ("channels", "dropout")),
+           "resnet": ("mpitrain.models.resnet:resnet", ()),
+           "gpt": ("mpitrain.models.gpt:gpt", ("dropout",))}
+FOR_TOKENS = ("gpt",)  # the built-ins that take token streams (and only those)
 
 
 def resolve(spec: str, key: str, job_dir: str = ""):
@@ -82,50 +86,34 @@ def model_id(cfg) -> str:
     return cfg.factory or BUILTIN.get(cfg.name, (f"?{cfg.name}",))[0]
 
 
-def build_model(cfg, input_shape, num_classes, job_dir: str = "") -> nn.Module:
-    """Call the model factory with [model.args] plus input_shape and num_classes."""
+def build_model(cfg, meta, job_dir: str = "") -> nn.Module:
+    """Call the model factory with [model.args] plus what the data says (meta.factory_kwargs:
+    input_shape and num_classes, num_outputs or vocab_size)."""
     if cfg.factory:
         fn, kwargs, key = resolve(cfg.factory, "model.factory", job_dir), dict(cfg.args), "model.factory"
     else:
         if cfg.name not in BUILTIN:
             raise UserError(f"model.name: unknown model {cfg.name!r} (known: {', '.join(BUILTIN)}; "
                             "or set model.factory to your own)")
+        if (meta.task == "lm") != (cfg.name in FOR_TOKENS):
+            raise UserError(f"model.name = {cfg.name!r} " + (
+                "cannot take a token stream: use 'gpt' or your own model.factory" if meta.task == "lm" else
+                "needs a token stream (GROUP/tokens with data.seq_len); this data has samples and targets"))
         spec, fields = BUILTIN[cfg.name]
         fn, key = resolve(spec, "model.name"), "model.name"
         kwargs = {f: getattr(cfg, f) for f in fields} | dict(cfg.args)
     try:
-        model = fn(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
+        model = fn(**meta.factory_kwargs(), **kwargs)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{key} = {cfg.factory or cfg.name!r} failed to build the model with "
-                        f"{sorted(kwargs)} ({type(e).__name__}: {e})") from None
+                        f"{sorted(kwargs) or 'no [model.args]'} ({type(e).__name__}: {e})") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{key} = {cfg.factory or cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module")
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"{key} = {cfg.factory or cfg.name!r}: the model has no trainable parameters")
     return model
-
-
-def build_loss(name: str, job_dir: str = ""):
-    """loss(output, target) -> the batch's summed loss (so sums over ranks are exact means).
-    cross_entropy: class indices; mse: against one-hot labels (mean over the outputs);
-    'package.module:function': returns per-sample losses (B,) or the batch mean (scalar)."""
-    if name == "cross_entropy":
-        return lambda out, y: F.cross_entropy(out, y, reduction="sum")
-    if name == "mse":
-        return lambda out, y: F.mse_loss(out, F.one_hot(y, out.shape[-1]).to(out.dtype), reduction="sum") / out.shape[-1]
-    fn = resolve(name, "train.loss", job_dir)
-
-    def user_loss(out, y):
-        if len(y) == 0:  # an empty last batch on some ranks: no loss, but keep the graph
-            return out.sum() * 0.0
-        v = fn(out, y)
-        if not torch.is_tensor(v) or v.ndim > 1 or (v.ndim == 1 and len(v) != len(y)):
-            raise UserError(f"train.loss = {name!r} returned {getattr(v, 'shape', type(v).__name__)}: "
-                            f"expected per-sample losses ({len(y)},) or a scalar mean")
-        return v.sum() if v.ndim == 1 else v * len(y)
-    return user_loss
 
 
 def build_optimizer(cfg, params, world_size: int) -> torch.optim.Optimizer:

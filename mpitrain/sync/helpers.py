@@ -113,3 +113,19 @@ def load_arrays(arrays: dict[str, np.ndarray], **tensors: torch.Tensor) -> None:
     for k, t in tensors.items():
         if k in arrays:
             t.copy_(torch.from_numpy(np.asarray(arrays[k])).view_as(t))
+
+
+@torch.no_grad()
+def average_buffers(model: torch.nn.Module, world) -> None:
+    """Collective: replace the model's floating-point buffers (BatchNorm running statistics)
+    by their mean over ranks, so evaluation and checkpoints see one model. Integer buffers
+    (batch counters) are left alone. Nothing is sent for a model without buffers."""
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    if not bufs or world.size == 1:
+        return
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float32) for b in bufs])
+    world.average_(flat)
+    off = 0
+    for b in bufs:
+        b.copy_(flat[off:off + b.numel()].view_as(b))
+        off += b.numel()

@@ -7,7 +7,7 @@ import pytest
 from mpitrain.comm import World, shard_bounds
 from mpitrain.config import DataCfg
 from mpitrain.data import hdf5, prepare
-from mpitrain.errors import AgreedError, UserError
+from mpitrain.errors import AgreedError
 
 pytestmark = pytest.mark.mpi
 
@@ -56,17 +56,6 @@ def test_synthetic_does_not_depend_on_writer_count(world, shared_tmp):
     world.barrier()
 
 
-def test_convert_npz(tmp_path):
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "a.npz", images=rng.random((50, 3, 4), dtype=np.float32), labels=rng.integers(0, 3, 50))
-    msg = prepare.convert(str(tmp_path / "a.npz"), str(tmp_path / "a.h5"), "images", "labels", 0.2)
-    assert "train 40, test 10" in msg
-    with h5py.File(tmp_path / "a.h5", "r") as f:
-        assert f["train/x"].shape == (40, 3, 4) and f.attrs["num_classes"] == 3
-    with pytest.raises(UserError, match="no array 'x'"):
-        prepare.convert(str(tmp_path / "a.npz"), str(tmp_path / "b.h5"))
-
-
 def _bad_file(path, **kw):
     """A data file with train/test splits; kw replaces datasets (name -> array or None)."""
     rng = np.random.default_rng(1)
@@ -81,13 +70,14 @@ def _bad_file(path, **kw):
 
 BAD = [
     ({"train/y": None}, "train/y: no such dataset"),
-    ({"train/y": np.full(40, 7.5)}, "labels must be integers"),
+    ({"train/y": np.full(40, b"a", dtype="S1")}, "targets must be integer labels or float values"),
+    ({"test/y": np.full(10, 0.5)}, "test targets (float64 ()) do not match train targets (int64 ())"),
     ({"train/x": np.array(["a"] * 40, dtype="S1").reshape(40, 1)}, "inputs must be numeric"),
     ({"train/y": np.arange(39)}, "x has 40 rows but y has 39"),
     ({"test/x": np.zeros((10, 6), np.float32)}, "test inputs have shape (6,), train (5,)"),
     ({"train/y": np.array([-1] + [0] * 39)}, "labels must lie in"),
     ({"train/x": np.zeros((0, 5), np.float32), "train/y": np.zeros(0, np.int64)}, "empty split"),
-    ({"train/y": np.zeros((40, 2), np.int64)}, "labels must be 1-D"),
+    ({"train/y": np.zeros((40, 2), np.int64)}, "integer labels must be 1-D"),
     ({"train/x": np.where(np.arange(200).reshape(40, 5) == 17, np.nan, 0.5).astype(np.float32)},
      "train/x row 3 is not finite"),
     ({"train/y": np.array([10**9] + [0] * 39)}, "labels up to 1000000000 mean 1000000001 classes"),
@@ -156,17 +146,6 @@ def test_non_finite_check_can_be_turned_off(world, shared_tmp):
     world.barrier()
     train, _, _ = hdf5.load(DataCfg(path=str(path), check_finite=False), world)
     assert train.total == 40
-
-
-def test_truncated_npz_and_unwritable_output(tmp_path):
-    np.savez(tmp_path / "a.npz", x=np.zeros((10, 3), np.float32), y=np.arange(10) % 2)
-    data = (tmp_path / "a.npz").read_bytes()
-    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="not a readable .npz"):
-        prepare.convert(str(tmp_path / "cut.npz"), str(tmp_path / "b.h5"))
-    (tmp_path / "afile").write_text("")
-    with pytest.raises(UserError, match="cannot write"):
-        prepare.convert(str(tmp_path / "a.npz"), str(tmp_path / "afile" / "b.h5"))
 
 
 def test_unwritable_parallel_output_is_agreed(world, shared_tmp):

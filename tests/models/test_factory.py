@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from mpitrain.errors import AgreedError, UserError
-from mpitrain.models import build_loss, build_model
+from mpitrain.data.hdf5 import Meta
+from mpitrain.models import build_model
+from mpitrain.tasks import build_loss
 from mpitrain.train import train
 
 pytestmark = pytest.mark.mpi
@@ -94,21 +96,21 @@ def test_mse_against_one_hot_labels_trains(world, shared_tmp, digits_h5, make_cf
     ("usermodels_t", {}, "expected 'package.module:function'"),
     ("usermodels_t:CONSTANT", {}, "not callable (int)"),
     ("usermodels_t:not_a_module", {}, "returned int, not a torch.nn.Module"),
-    ("usermodels_t:broken", {}, "failed to build the model with [] (ValueError: kaboom)"),
+    ("usermodels_t:broken", {}, "failed to build the model with no [model.args] (ValueError: kaboom)"),
     ("usermodels_t:tiny", {"depth": 3}, "unexpected keyword argument 'depth'"),
 ])
 def test_bad_factories_are_one_line(job_dir, factory, args, message):
     from mpitrain.config import ModelCfg
 
     with pytest.raises(UserError) as e:
-        build_model(ModelCfg(factory=factory, args=args), (8, 8), 10, job_dir)
+        build_model(ModelCfg(factory=factory, args=args), Meta((8, 8), 10), job_dir)
     assert message in str(e.value) and "model." in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_losses(job_dir):
     with pytest.raises(UserError, match="train.loss = 'nosuch:f': cannot import"):
-        build_loss("nosuch:f", job_dir)
-    fn = build_loss("usermodels_t:wrong_shape", job_dir)
+        build_loss("nosuch:f", "classify", job_dir)
+    fn = build_loss("usermodels_t:wrong_shape", "classify", job_dir)
     with pytest.raises(UserError, match="expected per-sample losses"):
         fn(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
 

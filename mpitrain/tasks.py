@@ -1,0 +1,81 @@
+"""What the targets are, and so the loss and the test metrics. No MPI here.
+
+- classify: integer labels (N,); loss cross_entropy (or mse against one-hot labels);
+  metric test_acc.
+- regress: float targets (N,) or (N, k); loss mse (mean over the k outputs); metric test_mse.
+- lm: token windows (N, L) -> next tokens (N, L); loss cross_entropy (mean over the L
+  positions); metric test_ppl = exp(mean cross-entropy per token).
+
+Every loss returns the batch's *sum* of per-sample losses, so sums over ranks are exact
+means over a global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .models import resolve
+
+LOSSES = {"classify": ("cross_entropy", "mse"), "regress": ("mse",), "lm": ("cross_entropy",)}
+WHAT = {"classify": "integer class labels", "regress": "float targets", "lm": "a token stream"}
+
+
+def _cross_entropy(out, y):
+    """Summed over samples; for sequences the mean over each sample's positions."""
+    per_sample = y[0].numel() if len(y) else 1
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1), reduction="sum") / per_sample
+
+
+def _mse(out, y):
+    """Summed over samples of the mean over outputs."""
+    out = out.float().reshape(y.shape)
+    return F.mse_loss(out, y, reduction="sum") / (y[0].numel() if len(y) else 1)
+
+
+def _mse_one_hot(out, y):
+    return F.mse_loss(out.float(), F.one_hot(y, out.shape[-1]).float(), reduction="sum") / out.shape[-1]
+
+
+def build_loss(name: str, task: str = "classify", job_dir: str = ""):
+    """loss(output, target) -> the batch's summed loss, for train.loss and the data's task."""
+    if name == "auto":
+        name = LOSSES[task][0]
+    if name in ("cross_entropy", "mse"):
+        if name not in LOSSES[task]:
+            raise UserError(f"train.loss = {name!r} does not fit {WHAT[task]} (the data's targets); "
+                            f"use {' or '.join(repr(n) for n in LOSSES[task])} or your own function")
+        return {"cross_entropy": _cross_entropy, "mse": _mse_one_hot if task == "classify" else _mse}[name]
+    fn = resolve(name, "train.loss", job_dir)
+
+    def user_loss(out, y):
+        if len(y) == 0:  # an empty last batch on some ranks: no loss, but keep the graph
+            return out.sum() * 0.0
+        v = fn(out, y)
+        if not torch.is_tensor(v) or v.ndim > 1 or (v.ndim == 1 and len(v) != len(y)):
+            raise UserError(f"train.loss = {name!r} returned {getattr(v, 'shape', type(v).__name__)}: "
+                            f"expected per-sample losses ({len(y)},) or a scalar mean")
+        return v.sum() if v.ndim == 1 else v * len(y)
+    return user_loss
+
+
+class Metric:
+    """The task's test metric, independent of the training loss: `batch(out, y)` is a sum
+    over the batch's samples; `row(sum / count)` the metrics row entry."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.name = {"classify": "test_acc", "regress": "test_mse", "lm": "test_ppl"}[task]
+
+    def batch(self, out, y) -> float:
+        if self.task == "classify":
+            return (out.argmax(-1) == y).sum().item()
+        if self.task == "regress":
+            return _mse(out, y).item()
+        return _cross_entropy(out, y).item()
+
+    def row(self, mean: float) -> float:
+        return math.exp(min(mean, 700.0)) if self.task == "lm" else mean
