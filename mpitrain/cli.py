@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="rebuild the comparison table and plots from run folders")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", default="runs/report", help="folder for table.md/.csv and the PNGs")
-    rp.add_argument("--target", type=float, default=0.97, help="test accuracy for time-to-target")
+    rp.add_argument("--metric", default="test_acc", help="test_acc (default) | test_loss | test_ppl | test_mse")
+    rp.add_argument("--target", type=float, default=0.97,
+                    help="the metric's goal for time-to-target (accuracy: at least; loss, ppl, mse: at most)")
     rp.add_argument("--title", default="")
 
     ip = sub.add_parser("inspect", help="what a checkpoint holds and whether its checksums match")
@@ -140,11 +142,11 @@ def _run(args, world, log) -> None:
         cfgs = train_each(spec, world, log)
         if world.is_root:
             print(report.report([str(c.run_dir) for c in cfgs], str(spec.out), spec.target,
-                                f"{spec.title}: {world.size} ranks"))
+                                f"{spec.title}: {world.size} ranks", spec.metric))
     elif args.cmd == "report":
         from . import report
 
-        msg = world.on_root(report.report, args.runs, args.out, args.target, args.title)
+        msg = world.on_root(report.report, args.runs, args.out, args.target, args.title, args.metric)
         if world.is_root:
             print(msg)
     elif args.cmd == "inspect":

@@ -1,9 +1,11 @@
 """Strategy comparison: run a job under several strategies, then tabulate and plot.
 
 `mpitrain compare FILE.toml` trains the same base job once per `[[run]]` (in turn, at the
-current world size, with train.train_each) and writes into `out`: table.md, table.csv, accuracy_vs_time.png and
-accuracy_vs_epoch.png. `mpitrain report RUN_DIR...` rebuilds them from existing runs'
-metrics.jsonl (rank 0 only, no MPI needed).
+current world size, with train.train_each) and writes into `out`: table.md, table.csv,
+<metric>_vs_time.png and <metric>_vs_epoch.png. `mpitrain report RUN_DIR...` rebuilds them
+from existing runs' metrics.jsonl (rank 0 only, no MPI needed). The metric is test_acc
+(higher is better) or test_loss / test_ppl / test_mse (lower is better); the time to target
+is the wall time of the first evaluation that reaches the target.
 """
 
 from __future__ import annotations
@@ -18,9 +20,23 @@ from pathlib import Path
 
 from .errors import UserError
 
-NUMERIC = ("epoch", "step", "ranks", "samples_per_s", "wall_s", "test_acc", "comm_bytes_per_step")
-COLUMNS = ["run", "strategy", "ranks", "epochs", "final_test_acc", "best_test_acc", "time_to_target_s",
-           "samples_per_s", "comm_bytes_per_step", "wall_s"]
+METRICS = ("test_acc", "test_loss", "test_ppl", "test_mse")
+NUMERIC = ("epoch", "step", "ranks", "samples_per_s", "wall_s", "comm_bytes_per_step", *METRICS)
+
+
+def columns(metric: str) -> list[str]:
+    return ["run", "strategy", "ranks", "epochs", f"final_{metric}", f"best_{metric}", "time_to_target_s",
+            "samples_per_s", "comm_bytes_per_step", "wall_s"]
+
+
+def check_target(metric: str, target) -> str | None:
+    """Why (metric, target) is not a goal, or None."""
+    if metric not in METRICS:
+        return f"metric: expected one of {', '.join(METRICS)}, got {metric!r}"
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) \
+            or target <= 0 or (metric == "test_acc" and target > 1):
+        return f"target: expected a number in {'(0, 1]' if metric == 'test_acc' else '(0, inf)'}, got {target!r}"
+    return None
 
 
 @dataclass
@@ -30,21 +46,27 @@ class RunSummary:
     ranks: int | None
     rows: list[dict]
     target: float
+    metric: str = "test_acc"
+
+    def reached(self, value: float) -> bool:
+        return value >= self.target if self.metric == "test_acc" else value <= self.target
 
     def values(self) -> dict:
-        acc = [r for r in self.rows if "test_acc" in r]
-        hit = next((r["wall_s"] for r in acc if r["test_acc"] >= self.target), None)
+        m = self.metric
+        acc = [r for r in self.rows if m in r]
+        hit = next((r["wall_s"] for r in acc if self.reached(r[m])), None)
         comm = [r["comm_bytes_per_step"] for r in self.rows if "comm_bytes_per_step" in r]
+        best = max if m == "test_acc" else min
         return {"run": self.name, "strategy": self.strategy, "ranks": self.ranks, "epochs": self.rows[-1]["epoch"],
-                "final_test_acc": acc[-1]["test_acc"] if acc else None,
-                "best_test_acc": max(r["test_acc"] for r in acc) if acc else None,
+                f"final_{m}": acc[-1][m] if acc else None,
+                f"best_{m}": best(r[m] for r in acc) if acc else None,
                 "time_to_target_s": hit,
                 "samples_per_s": statistics.median(r["samples_per_s"] for r in self.rows),
                 "comm_bytes_per_step": statistics.mean(comm) if comm else None,
                 "wall_s": self.rows[-1]["wall_s"]}
 
 
-def load_run(run_dir: str | Path, target: float) -> RunSummary:
+def load_run(run_dir: str | Path, target: float, metric: str = "test_acc") -> RunSummary:
     d = Path(run_dir)
     if not d.is_dir():
         raise UserError(f"{d}: no such run folder")
@@ -77,7 +99,7 @@ def load_run(run_dir: str | Path, target: float) -> RunSummary:
         except tomllib.TOMLDecodeError:
             raise UserError(f"{cfile}: malformed TOML") from None
     ranks = rows[-1].get("ranks")
-    return RunSummary(name, strategy, ranks, rows, target)
+    return RunSummary(name, strategy, ranks, rows, target, metric)
 
 
 def _fmt(v, kind):
@@ -95,7 +117,8 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def write_report(runs: list[RunSummary], out: str | Path, target: float, title: str = "") -> list[Path]:
+def write_report(runs: list[RunSummary], out: str | Path, target: float, title: str = "",
+                 metric: str = "test_acc") -> list[Path]:
     """Write table.md, table.csv and the two PNG plots; returns their paths."""
     out = Path(out)
     try:
@@ -104,45 +127,49 @@ def write_report(runs: list[RunSummary], out: str | Path, target: float, title: 
         raise UserError(f"{out}: cannot create report folder: {e.strerror}") from None
     vals = [r.values() for r in runs]
     with open(out / "table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns(metric))
         w.writeheader()
         w.writerows(vals)
-    kinds = {"final_test_acc": "acc", "best_test_acc": "acc", "time_to_target_s": "s", "samples_per_s": "rate",
+    kinds = {f"final_{metric}": "acc", f"best_{metric}": "acc", "time_to_target_s": "s", "samples_per_s": "rate",
              "comm_bytes_per_step": "bytes", "wall_s": "s"}
-    heads = ["run", "strategy", "ranks", "epochs", "final test acc", "best test acc", f"time to {target:.0%} (s)",
+    what, goal = metric.replace("_", " "), f"{target:.0%}" if metric == "test_acc" else f"{target:g}"
+    heads = ["run", "strategy", "ranks", "epochs", f"final {what}", f"best {what}", f"time to {goal} (s)",
              "samples/s", "comm bytes/step (per rank)", "wall (s)"]
     lines = [f"# {title}" if title else "# strategy comparison", "",
              "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for v in vals:
-        lines.append("| " + " | ".join(_fmt(v[c], kinds.get(c)) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(v[c], kinds.get(c)) for c in columns(metric)) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    return [out / "table.md", out / "table.csv", *_plots(runs, out, target, title)]
+    return [out / "table.md", out / "table.csv", *_plots(runs, out, target, title, metric)]
 
 
-def _plots(runs, out, target, title):
+def _plots(runs, out, target, title, metric):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    for xkey, xlabel, fname in (("wall_s", "wall time (s)", "accuracy_vs_time.png"),
-                                ("epoch", "epoch", "accuracy_vs_epoch.png")):
+    paths, acc = [], metric == "test_acc"
+    name = "accuracy" if acc else metric.removeprefix("test_")
+    for xkey, xlabel, fname in (("wall_s", "wall time (s)", f"{name}_vs_time.png"),
+                                ("epoch", "epoch", f"{name}_vs_epoch.png")):
         fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
         lo = 1.0
         for r in runs:
-            pts = [(row[xkey], row["test_acc"]) for row in r.rows if "test_acc" in row]
+            pts = [(row[xkey], row[metric]) for row in r.rows if metric in row]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, label=f"{r.name}")
                 lo = min(lo, min(ys))
-        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.0%}")
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1,
+                   label=f"target {target:.0%}" if acc else f"target {target:g}")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
-        ax.set_ylim(max(0.0, math.floor(min(lo, target) * 20) / 20 - 0.05), 1.0)
-        ax.set_title(title or "test accuracy per strategy")
+        ax.set_ylabel(metric.replace("_", " ").replace("acc", "accuracy"))
+        if acc:
+            ax.set_ylim(max(0.0, math.floor(min(lo, target) * 20) / 20 - 0.05), 1.0)
+        ax.set_title(title or f"{metric.replace('_', ' ')} per strategy")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="lower right" if acc else "upper right", fontsize=8)
         fig.tight_layout()
         fig.savefig(out / fname)
         plt.close(fig)
@@ -150,9 +177,11 @@ def _plots(runs, out, target, title):
     return paths
 
 
-def report(run_dirs: list[str], out: str, target: float, title: str = "") -> str:
-    runs = [load_run(d, target) for d in run_dirs]
-    paths = write_report(runs, out, target, title)
+def report(run_dirs: list[str], out: str, target: float, title: str = "", metric: str = "test_acc") -> str:
+    if why := check_target(metric, target):
+        raise UserError(f"--{why}")
+    runs = [load_run(d, target, metric) for d in run_dirs]
+    paths = write_report(runs, out, target, title, metric)
     return "wrote " + ", ".join(str(p) for p in paths)
 
 
@@ -165,6 +194,7 @@ class CompareSpec:
     overrides: tuple[str, ...]
     runs: tuple[tuple[str, tuple[str, ...]], ...]
     title: str
+    metric: str = "test_acc"
 
     def run_dir(self, name: str) -> Path:
         """The folder of run `name`: out/<name, with only safe characters>."""
@@ -179,16 +209,16 @@ def load_compare(path: str) -> CompareSpec:
         raise UserError(f"{p}: no such comparison file") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{p}: malformed TOML: {e}") from None
-    known = {"job", "out", "target", "set", "run", "title"}
+    known = {"job", "out", "metric", "target", "set", "run", "title"}
     for k in raw:
         if k not in known:
             raise UserError(f"{p}: unknown key {k} (known: {', '.join(sorted(known))})")
     if not isinstance(raw.get("job"), str):
         raise UserError(f"{p}: job: expected the base job file (a string)")
     job = (p.parent / raw["job"]) if not Path(raw["job"]).is_absolute() else Path(raw["job"])
-    target = raw.get("target", 0.97)
-    if not isinstance(target, (int, float)) or not 0 < target <= 1:
-        raise UserError(f"{p}: target: expected a number in (0, 1], got {target!r}")
+    metric, target = raw.get("metric", "test_acc"), raw.get("target", 0.97)
+    if why := check_target(metric, target):
+        raise UserError(f"{p}: {why}")
     runs, names = [], set()
     for i, r in enumerate(raw.get("run", [])):
         if not isinstance(r, dict) or not isinstance(r.get("name"), str) or set(r) - {"name", "set"}:
@@ -200,7 +230,8 @@ def load_compare(path: str) -> CompareSpec:
     if not runs:
         raise UserError(f"{p}: no [[run]] tables")
     return CompareSpec(job, Path(raw.get("out", f"runs/{p.stem}")), float(target),
-                       tuple(_strings(p, "set", raw.get("set", []))), tuple(runs), str(raw.get("title", p.stem)))
+                       tuple(_strings(p, "set", raw.get("set", []))), tuple(runs), str(raw.get("title", p.stem)),
+                       metric)
 
 
 def _strings(p, key, v):

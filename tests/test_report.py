@@ -28,13 +28,31 @@ def test_report_files_and_columns(tmp_path):
     for name in ("table.md", "table.csv", "accuracy_vs_time.png", "accuracy_vs_epoch.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0 and name in msg
     rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
-    assert list(rows[0]) == report.COLUMNS
+    assert list(rows[0]) == report.columns("test_acc")
     assert rows[0]["strategy"] == "allreduce" and float(rows[0]["time_to_target_s"]) == 6.0
     assert rows[1]["time_to_target_s"] == "" and float(rows[1]["samples_per_s"]) == 2000.0
     assert float(rows[1]["final_test_acc"]) == 0.95 and float(rows[0]["comm_bytes_per_step"]) == 4096
     md = (tmp_path / "out" / "table.md").read_text()
     assert "| a | allreduce | 2 | 3 | 0.9800 |" in md and "4.1 KB" in md
     assert (tmp_path / "out" / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_loss_target_is_reached_from_above(tmp_path):
+    """Language models: the goal is a loss at most the target; best = the lowest."""
+    for name, losses in (("a", [2.2, 1.85, 1.7]), ("b", [2.4, 2.0, 1.95])):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(
+            {"epoch": e, "ranks": 4, "test_loss": v, "test_ppl": 2.718 ** v, "samples_per_s": 100.0,
+             "wall_s": 10.0 * e}) + "\n" for e, v in enumerate(losses, 1)))
+    msg = report.report([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"), 1.9, "lm", "test_loss")
+    assert "loss_vs_time.png" in msg and (tmp_path / "out" / "loss_vs_epoch.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
+    assert float(rows[0]["time_to_target_s"]) == 20.0 and rows[1]["time_to_target_s"] == ""
+    assert float(rows[0]["best_test_loss"]) == 1.7 and float(rows[1]["final_test_loss"]) == 1.95
+    assert "time to 1.9 (s)" in (tmp_path / "out" / "table.md").read_text()
+    with pytest.raises(UserError, match="metric: expected one of"):
+        report.report([str(tmp_path / "a")], str(tmp_path / "out"), 1.9, "lm", "test_bleu")
 
 
 @pytest.mark.parametrize("make, message", [
@@ -59,6 +77,8 @@ def test_compare_file_validation(tmp_path, repo_root):
         "nothing = 1\n": "unknown key nothing",
         'job = "x.toml"\n': "no [[run]] tables",
         'job = "x.toml"\ntarget = 2\n[[run]]\nname = "a"\n': "target: expected a number in (0, 1]",
+        'job = "x.toml"\nmetric = "test_loss"\ntarget = -1\n[[run]]\nname = "a"\n': "target: expected a number in (0, inf)",
+        'job = "x.toml"\nmetric = "loss"\n[[run]]\nname = "a"\n': "metric: expected one of",
         'job = "x.toml"\n[[run]]\nname = "a"\n[[run]]\nname = "a"\n': "run name 'a' appears twice",
         'job = "x.toml"\n[[run]]\nname = "a"\nset = "sync.strategy=x"\n': "expected a list",
     }
