@@ -1,4 +1,5 @@
-"""`mpitrain bench step|allreduce`: speed measured against baselines in the same run.
+"""`mpitrain bench step|allreduce|straggler|e2e`: speed measured against baselines in the same run
+(e2e, a job's own training step against one process and torch DDP, is in bench_e2e.py).
 
 Timings are the slowest rank's (MAX over ranks), variants run in interleaved rounds and
 the median round is reported, so a noisy neighbour hurts all variants alike.
@@ -257,3 +258,11 @@ def straggler(args, world, log) -> None:
         t = f"{hit:12.1f}" if hit is not None else f"{'never':>12s}"
         speed = f"{ref_hit / hit:7.2f}" if hit and ref_hit else f"{'-':>7s}"
         print(f"{name:24s} {rate:10.0f} {rate / ref_rate:7.2f} {t} {speed} {acc:9.4f} {stale:9d}")
+
+
+def e2e(args, world, log) -> None:
+    """Collective: the job's own training step vs one process on all cores and torch DDP-gloo
+    (mpitrain/bench_e2e.py)."""
+    from . import bench_e2e
+
+    bench_e2e.run(args, world, log)

@@ -108,6 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     bg.add_argument("--rank", type=int, default=1, help="the slow rank")
     bg.add_argument("--factor", type=float, default=2.0, help="its steps take factor x its compute time")
     bg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    be = bs.add_parser("e2e", help="a job's own training step vs one process on all cores and torch DDP-gloo")
+    be.add_argument("--job", required=True, help="job file, e.g. jobs/fashion.toml (its model, data, optimizer, "
+                                                 "batch size and strategy)")
+    be.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config key of the job (repeatable)")
+    be.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    be.add_argument("--warmup", type=int, default=3, help="untimed steps before the first round")
+    be.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
+    be.add_argument("--precision", default="fp32,bf16",
+                    help="comma-separated: fp32, bf16 (autocast of forward and loss); every variant runs each")
+    be.add_argument("--no-ddp", action="store_true", help="skip the torch DDP-gloo baseline")
+    be.add_argument("--no-single", action="store_true", help="skip the one-process baseline")
     return p
 
 

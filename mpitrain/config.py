@@ -81,7 +81,8 @@ class TrainCfg:
                                  "per-sample losses")
     accumulate: int = _opt(1, gt=0, max=4096, help="micro-batches per optimizer step (reduced after the last)")
     precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"),
-                          help="autocast of forward and loss (bf16 on CPU and CUDA); gradients stay fp32")
+                          help="autocast of forward and loss (bf16: CPU and CUDA; fp16: CUDA, with a loss scaler "
+                               "agreed over ranks); weights and gradients stay fp32")
     on_nonfinite: str = _opt("stop", choices=("stop", "skip"),
                              help="a NaN/inf loss on any rank: stop (exit 4, nothing of that step applied) "
                                   "or skip that step's update on every rank")
@@ -242,8 +243,12 @@ def _cross_checks(cfg: Config, where: str) -> None:
             raise UserError(f"{where}: data.assign = 'dynamic' needs data.mode = 'replicated' "
                             "(any rank may take any batch)")
     if cfg.train.precision == "fp16":
-        raise UserError(f"{where}: train.precision = 'fp16' needs a loss scaler whose overflow decision is agreed "
-                        "over ranks, which this version does not have yet: use 'bf16'")
+        if cfg.train.device == "cpu":
+            raise UserError(f"{where}: train.precision = 'fp16' needs train.device = 'cuda' (a loss scaler on GPUs); "
+                            "on CPUs use 'bf16'")
+        if REGISTRY[cfg.sync.strategy].remote_update:
+            raise UserError(f"{where}: train.precision = 'fp16': {cfg.sync.strategy!r} applies the update in the "
+                            "parameter store, which cannot unscale fp16 gradients; use 'bf16' there")
     if cfg.optim.clip_norm and REGISTRY[cfg.sync.strategy].remote_update:
         raise UserError(f"{where}: optim.clip_norm: {cfg.sync.strategy!r} applies the update in the parameter "
                         "store, where there is no reduced gradient to clip; use allreduce or a local strategy")

@@ -24,6 +24,7 @@ from .faults import (Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, 
                      watchdog)
 from .metrics import MetricsLog, trim as trim_metrics
 from .models import build_model, build_optimizer, build_schedule, model_id
+from .precision import Precision
 from .sync.helpers import average_buffers
 from .tasks import Metric, build_loss
 
@@ -94,6 +95,7 @@ class Job:
     sampler: DistributedSampler | DynamicSampler
     schedule: torch.optim.lr_scheduler.LRScheduler
     strategy: sync.Strategy
+    precision: Precision
 
 
 def build(cfg: Config, world, log, resources) -> Job:
@@ -115,8 +117,11 @@ def build(cfg: Config, world, log, resources) -> Job:
                                      shuffle_of(cfg.data))
     schedule = build_schedule(cfg.optim, optimizer, -(-sampler.steps_per_epoch // t.accumulate), t.epochs)
     strategy = world.agree(sync.create, cfg.sync, world, log)
+    if cfg.train.precision == "fp16" and device.type != "cuda":  # device = "auto" found no GPU
+        raise UserError("train.precision = 'fp16' needs a GPU (train.device resolved to cpu); on CPUs use 'bf16'")
+    precision = Precision(cfg.train.precision, device, world, reduced=strategy.sums_gradients)
     return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, Metric(meta.task),
-               optimizer, sampler, schedule, strategy)
+               optimizer, sampler, schedule, strategy, precision)
 
 
 def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
@@ -204,14 +209,15 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
             inject_straggler(world, cfg.train, t_compute)
             with dog.waiting(step + 1):
                 signum, nonfinite = agree_flags(job, stop, loss_value, step)
+                overflow = False
                 if not nonfinite:
                     strategy.after_backward(step)
-                    if cfg.optim.clip_norm:  # the reduced gradient's norm: the same on every rank
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
-                    optimizer.step()
+                    # clips the reduced gradient's norm (the same on every rank); an fp16 overflow
+                    # skips the step on every rank
+                    overflow = not job.precision.step(optimizer, cfg.optim.clip_norm)
                     strategy.after_step(step)
                 schedule.step()
-            skipped += bool(nonfinite)
+            skipped += bool(nonfinite or overflow)
             loss_sum += 0.0 if nonfinite else loss_value
             local, done, step = local + n, done + count, step + 1
             here = state.Position(step, epoch, done)
@@ -285,15 +291,14 @@ def forward_backward(job: Job, group: list, count: int) -> tuple[float, int]:
     the strategy's reduction runs only for the last one (DDP's no_sync). Each loss is
     weighted for the whole step's `count` samples. Returns (summed loss, local samples)."""
     weight = loss_weight(job.strategy, job.world, count)
-    precision = {"bf16": torch.bfloat16}.get(job.cfg.train.precision)
     total, n = 0.0, 0
     for i, batch in enumerate(group):
         x, y = (torch.from_numpy(t).to(job.device) for t in job.train_split.take(batch.indices))
         quiet = i < len(group) - 1 and isinstance(job.strategy, sync.NoSync)
         with job.strategy.no_sync() if quiet else contextlib.nullcontext():
-            with torch.autocast(job.device.type, dtype=precision, enabled=precision is not None):
+            with job.precision.autocast():
                 loss = job.loss(job.model(x), y)
-            (loss * weight).backward()
+            job.precision.scale(loss * weight).backward()
         total, n = total + loss.item(), n + len(y)
     return total, n
 

@@ -1,0 +1,58 @@
+"""Mixed precision for the training step (train.precision): torch.autocast around forward
+and loss, and for fp16 torch's GradScaler, whose decision to skip a step is the same on
+every rank. Weights, gradients and their reduction stay fp32. No MPI here: ranks agree
+through `world.any`.
+
+Where the ranks' gradients are reduced (allreduce, ps_sync...), an overflow anywhere is inf
+or NaN in the reduced gradient on every rank, so every scaler sees it. Where each rank
+steps on its own gradient (local SGD, BMUF, EASGD), an overflow on one rank is made every
+rank's: the others mark one gradient element non-finite before unscaling, so every scaler
+skips the step and backs off alike, and the scales stay equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """One job's precision: `autocast()`, `scale(loss)` before backward, `step(...)` after
+    the strategy's reduction."""
+
+    def __init__(self, name: str, device: torch.device, world, reduced: bool):
+        self.name, self.device, self.world, self.reduced = name, device, world, reduced
+        self.dtype = DTYPES[name]
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def step(self, optimizer: torch.optim.Optimizer, clip_norm: float = 0.0) -> bool:
+        """Collective for fp16 with local gradients: unscale, clip (the global norm of the
+        gradients as they are now), step. Returns False where an fp16 overflow skipped it."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.scaler is None:
+            if clip_norm:
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            optimizer.step()
+            return True
+        if not self.reduced:  # each rank's own gradient: agree on an overflow
+            bad = not all(bool(torch.isfinite(p.grad).all()) for p in params)
+            if self.world.any(bad) and not bad and params:
+                params[0].grad.view(-1)[0] = float("inf")
+        self.scaler.unscale_(optimizer)
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= before  # the scaler backs off only after a skipped step

@@ -1,0 +1,60 @@
+"""fp16 loss scaling: every rank skips the same steps and keeps the same scale. torch's
+GradScaler runs on CPU too, so the agreement is tested here without a GPU (jobs refuse
+fp16 on CPU: there it is only slower than bf16)."""
+
+import pytest
+import torch
+
+from mpitrain.precision import Precision
+
+pytestmark = pytest.mark.mpi
+
+
+def setup(world, reduced):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, Precision("fp16", torch.device("cpu"), world, reduced=reduced)
+
+
+def backward(model, prec, poison: bool):
+    model.zero_grad()
+    loss = model(torch.ones(3, 4)).pow(2).sum()
+    prec.scale(loss).backward()
+    if poison:
+        model.weight.grad[0, 0] = float("inf")
+
+
+def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(world):
+    model, opt, prec = setup(world, reduced=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = prec.scaler.get_scale()
+    backward(model, prec, poison=world.rank == world.size - 1)
+    assert prec.step(opt) is False  # skipped everywhere, not only on the rank that overflowed
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert prec.scaler.get_scale() == scale / 2
+    assert len(set(world.allgather(prec.scaler.get_scale()))) == 1
+    backward(model, prec, poison=False)
+    assert prec.step(opt) is True and not torch.equal(before[0], model.weight)
+
+
+def test_scaled_step_equals_the_plain_step(world):
+    """Without overflow, scaling by a power of two and unscaling is exact."""
+    model, opt, prec = setup(world, reduced=True)
+    ref, ref_opt, _ = setup(world, reduced=True)
+    for _ in range(3):
+        backward(model, prec, poison=False)
+        assert prec.step(opt, clip_norm=5.0)
+        ref.zero_grad()
+        ref(torch.ones(3, 4)).pow(2).sum().backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 5.0)
+        ref_opt.step()
+    assert all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def test_fp32_and_bf16_have_no_scaler(world):
+    for name in ("fp32", "bf16"):
+        prec = Precision(name, torch.device("cpu"), world, reduced=True)
+        assert prec.scaler is None and prec.scale(torch.tensor(2.0)) == 2.0
+    with Precision("bf16", torch.device("cpu"), world, reduced=True).autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
