@@ -108,9 +108,30 @@ def attr_data(tmp, name, value):
     return p
 
 
-CONFIG_ONLY = {"factory not importable", "factory unknown argument", "loss not importable", "nan lr", "inf beta", "nan watchdog", "inf warmup", "dropout 1.5", "huge seed", "huge staleness",
+def token_data(tmp, name, tokens, vocab_size=65):
+    import h5py
+
+    p = tmp / f"{name}.h5"
+    with h5py.File(p, "w") as f:
+        f.attrs["vocab_size"] = vocab_size
+        f["train/tokens"] = np.asarray(tokens, np.uint8)
+        f["test/tokens"] = np.asarray(tokens, np.uint8)
+    return p
+
+
+def float_data(tmp):
+    import h5py
+
+    p = tmp / "floaty.h5"
+    with h5py.File(p, "w") as f:
+        for split in ("train", "test"):
+            f[f"{split}/x"], f[f"{split}/y"] = np.zeros((30, 8, 8), np.float32), np.zeros(30, np.float32)
+    return p
+
+
+CONFIG_ONLY = {"fp16 on CPU", "factory not importable", "factory unknown argument", "loss not importable", "nan lr", "inf beta", "nan watchdog", "inf warmup", "dropout 1.5", "huge seed", "huge staleness",
                "huge epochs", "output.dir {foo}", "output.dir {name", "wrong type", "negative size",
-               "unknown shuffle", "old flat sync key", "bad strategy option", "comm section"}
+               "unknown shuffle", "old flat sync key", "bad strategy option", "comm section", "accumulate 0"}
 
 
 def bad_cases(tmp, digits, np_, good_ckpt):
@@ -191,6 +212,15 @@ def bad_cases(tmp, digits, np_, good_ckpt):
                                 "sync.ssp.staleness: expected a value >= 0"),
         "comm section": (ok + ["--set", "comm.cuda_path=staged"], "cuda_path is now sync.allreduce.cuda_path"),
         "dynamic with allreduce": (ok + ["--set", "data.assign=dynamic"], "data.assign = 'dynamic' needs"),
+        "seq_len too large": (ok + ["--set", f"data.path={token_data(tmp, 'tok', np.arange(200) % 60)}", "--set",
+                                    "model.name=gpt", "--set", "data.seq_len=150"], "use a smaller data.seq_len"),
+        "token id >= vocab_size": (ok + ["--set", f"data.path={token_data(tmp, 'big', np.arange(200) % 60, 50)}",
+                                         "--set", "model.name=gpt", "--set", "data.seq_len=8"],
+                                   "token ids must lie in [0, vocab_size = 50), found [0, 59]"),
+        "cross_entropy on float targets": (ok + ["--set", f"data.path={float_data(tmp)}", "--set",
+                                                 "train.loss=cross_entropy"], "does not fit float targets"),
+        "fp16 on CPU": (ok + ["--set", "train.precision=fp16"], "train.precision = 'fp16' needs train.device"),
+        "accumulate 0": (ok + ["--set", "train.accumulate=0"], "train.accumulate: expected a value > 0"),
     }
 
 
