@@ -32,7 +32,7 @@ def _header(world, what: str, threads: int) -> None:
     if world.is_root:
         print(f"# mpitrain bench {what}: {world.size} ranks x {threads} threads, "
               f"{platform.processor() or platform.machine()}, {date.today()}, "
-              f"{library_version()}, torch {torch.__version__}")
+              f"{library_version().replace(chr(0), '')}, torch {torch.__version__}")  # Open MPI ends it with a NUL
 
 
 def _mlp(features: int, hidden: list[int]) -> nn.Module:

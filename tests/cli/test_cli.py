@@ -271,6 +271,21 @@ def test_data_commands(tmp_path, mpirun):
 
 
 @pytest.mark.timeout(300)
+def test_text_to_language_model(tmp_path, mpirun, repo_root):
+    """The bundled Tiny Shakespeare -> token stream -> jobs/shakespeare.toml (a few steps)."""
+    out = tmp_path / "shk.h5"
+    r = mpirun(2, "data", "text", repo_root / "data/shakespeare/tinyshakespeare.txt", "--out", out)
+    assert r.returncode == 0 and r.stdout.strip() == f"{out}: train 1003854, test 111540 tokens, vocab 65 (char)", \
+        r.stdout + r.stderr
+    r = mpirun(2, "train", "jobs/shakespeare.toml", "--set", f"data.path={out}", "--set", f"output.dir={tmp_path}/run",
+               "--set", "train.max_steps=30", "--set", "train.progress=false", "--set", "model.args.n_layer=1",
+               timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 30 and row["test_ppl"] < 30 and "test_acc" not in row, row  # 65 symbols: ppl 65 at start
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("np_", NPS)
 def test_kvstore_example_script(np_, mpirun):
     r = mpirun(np_, script="scripts/kvstore_example.py", timeout=240)
