@@ -32,6 +32,7 @@ from .data import hdf5
 from .data.sampler import DistributedSampler
 from .errors import UserError
 from .options import build
+from .sync.helpers import average_buffers
 
 _WORLD: World | None = None
 
@@ -47,8 +48,9 @@ def init() -> World:
 class DistributedOptimizer:
     """The user's optimizer with a strategy around its step. Collective to `close`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, strategy, world, resources: contextlib.ExitStack):
-        self.optimizer, self.strategy, self.world = optimizer, strategy, world
+    def __init__(self, optimizer: torch.optim.Optimizer, strategy, world, resources: contextlib.ExitStack,
+                 model: torch.nn.Module | None = None):
+        self.optimizer, self.strategy, self.world, self.model = optimizer, strategy, world, model
         self._resources = resources
         self.steps = 0
 
@@ -65,6 +67,8 @@ class DistributedOptimizer:
 
     def consolidated(self):
         """Collective: within the block the local model is the one to evaluate or save."""
+        if self.model is not None:
+            average_buffers(self.model, self.world)  # BatchNorm statistics: one model everywhere
         return self.strategy.consolidated()
 
     @property
@@ -97,20 +101,21 @@ def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strateg
     resources = contextlib.ExitStack()
     strat = world.agree(cls, opts, world, log)
     strat.setup(model, optimizer, resources)
-    return model, DistributedOptimizer(optimizer, strat, world, resources)
+    return model, DistributedOptimizer(optimizer, strat, world, resources, model)
 
 
 class Loader:
     """Collective to create: one split of an mpitrain HDF5 file, and per epoch the batches
     of this rank: every sample exactly once per epoch over all ranks, deterministic from
     (seed, epoch). `mode="partitioned"` reads only this rank's shard (collective mpio reads)
-    and shuffles within it; "replicated" reads all and shuffles globally."""
+    and shuffles within it; "replicated" reads all and shuffles globally. Token streams
+    need `seq_len` (windows of seq_len inputs and the next seq_len tokens as targets)."""
 
     def __init__(self, path: str, world: World, batch_size: int, *, split: str = "train", mode: str = "replicated",
-                 seed: int = 0, device: str | torch.device = "cpu"):
+                 seed: int = 0, device: str | torch.device = "cpu", seq_len: int = 0):
         from .config import DataCfg
 
-        cfg = DataCfg(path=str(path), mode=mode, train=split, test="")
+        cfg = DataCfg(path=str(path), mode=mode, train=split, test="", seq_len=seq_len)
         self.data, _, self.meta = hdf5.load(cfg, world)
         self.device = torch.device(device)
         self.sampler = DistributedSampler(self.data.total, world.size, world.rank, batch_size, seed,
@@ -138,6 +143,7 @@ def save(path: str, model: torch.nn.Module, optimizer: DistributedOptimizer, *, 
     from .sync import Stateful
 
     world, strategy = optimizer.world, optimizer.strategy
+    average_buffers(model, world)
     with strategy.consolidated():
         sstate = strategy.state_dict() if isinstance(strategy, Stateful) else {}
         rng = world.gather(torch.get_rng_state().numpy())

@@ -158,8 +158,9 @@ def _measure(args, world, log, precisions, tmp, resources) -> None:
               f"shuffle {sampler.shuffle})")
         print(f"# N = {world.size} ranks, B = {B}/rank" + (f" x {accumulate} micro-batches" if accumulate > 1 else "")
               + f", G = {world.size * B * accumulate} global per step, {steps_per_epoch} steps/epoch; "
-              f"mpitrain and DDP: {threads} thread(s)/rank; one process: {len(cores)} threads on rank 0; "
-              f"{args.warmup} warm-up + {args.steps} timed steps x {args.repeats} rounds, median round")
+              f"mpitrain{'' if args.no_ddp else ' and DDP'}: {threads} thread(s)/rank"
+              + ("" if args.no_single else f"; one process: {len(cores)} threads on rank 0")
+              + f"; {args.warmup} warm-up + {args.steps} timed steps x {args.repeats} rounds, median round")
 
     rounds = {id(v): [] for v in variants}
     for r in range(args.repeats):
@@ -188,7 +189,7 @@ def _report(variants, rounds, precisions, steps_per_epoch, steps) -> None:
     ms = {id(v): statistics.median(x[0] for x in rounds[id(v)]) for v in variants}
     rate = {id(v): statistics.median(x[1] for x in rounds[id(v)]) for v in variants}
     ref = {(v.kind, v.precision): v for v in variants}
-    print("| variant | precision | ms/step | samples/s | s/epoch | x one-process | step time vs DDP |")
+    print("| variant | precision | ms/step | samples/s (global) | time/epoch (s) | x one-process | step time vs DDP |")
     print("|---|---|---|---|---|---|---|")
     for v in variants:
         single, ddp = ref.get(("single", v.precision)), ref.get(("ddp", v.precision))

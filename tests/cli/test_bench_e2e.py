@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 pytestmark = pytest.mark.launcher
-COLUMNS = ["variant", "precision", "ms/step", "samples/s", "s/epoch", "x one-process", "step time vs DDP"]
+COLUMNS = ["variant", "precision", "ms/step", "samples/s (global)", "time/epoch (s)", "x one-process",
+           "step time vs DDP"]
 
 
 @pytest.fixture(scope="module")
