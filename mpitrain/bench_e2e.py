@@ -162,6 +162,14 @@ def _measure(args, world, log, precisions, tmp, resources) -> None:
               + ("" if args.no_single else f"; one process: {len(cores)} threads on rank 0")
               + f"; {args.warmup} warm-up + {args.steps} timed steps x {args.repeats} rounds, median round")
 
+    rounds = _time_rounds(variants, args, world, cores)
+    if world.is_root:
+        _report(variants, rounds, steps_per_epoch, steps=args.warmup + args.repeats * args.steps + args.repeats - 1)
+
+
+def _time_rounds(variants, args, world, cores) -> dict:
+    """Collective: per variant, each round's (ms/step, global samples/s); variants take
+    turns within a round; warm-up steps before the first, one untimed step before later ones."""
     rounds = {id(v): [] for v in variants}
     for r in range(args.repeats):
         for v in variants:
@@ -180,12 +188,10 @@ def _measure(args, world, log, precisions, tmp, resources) -> None:
                 dt, n = v.run(args.steps)
                 dt = world.max(dt)
             rounds[id(v)].append((dt / args.steps * 1e3, n / dt))
-    if world.is_root:
-        _report(variants, rounds, precisions, steps_per_epoch,
-                steps=args.warmup + args.repeats * args.steps + args.repeats - 1)
+    return rounds
 
 
-def _report(variants, rounds, precisions, steps_per_epoch, steps) -> None:
+def _report(variants, rounds, steps_per_epoch: int, steps: int) -> None:
     ms = {id(v): statistics.median(x[0] for x in rounds[id(v)]) for v in variants}
     rate = {id(v): statistics.median(x[1] for x in rounds[id(v)]) for v in variants}
     ref = {(v.kind, v.precision): v for v in variants}
