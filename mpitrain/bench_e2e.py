@@ -246,9 +246,8 @@ def _global_groups(sampler, accumulate: int):
 
 def _mpitrain_step(job):
     """One optimizer step as train.loop takes it (without checkpoints, metrics, progress)."""
-    cfg, model, optimizer, strategy = job.cfg, job.model, job.optimizer, job.strategy
+    cfg, optimizer, strategy = job.cfg, job.optimizer, job.strategy
     stop, counter = stop_flag(), itertools.count()
-    precision = getattr(job, "precision", None)  # train.py's Precision, where the Job has one
 
     def step(group) -> int:
         k = next(counter)
@@ -262,12 +261,7 @@ def _mpitrain_step(job):
             raise err
         if not nonfinite:
             strategy.after_backward(k)
-            if precision is not None:  # the Job's mixed-precision step: clipping, then the optimizer
-                precision.step(optimizer, cfg.optim.clip_norm)
-            else:
-                if cfg.optim.clip_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
-                optimizer.step()
+            job.precision.step(optimizer, cfg.optim.clip_norm)  # clipping, then the optimizer
             strategy.after_step(k)
         job.schedule.step()
         return count
