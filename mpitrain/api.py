@@ -33,6 +33,7 @@ from .data.sampler import DistributedSampler
 from .errors import UserError
 from .options import build
 from .sync.helpers import average_buffers
+from .train import to_device
 
 _WORLD: World | None = None
 
@@ -129,8 +130,7 @@ class Loader:
         """(x, y) tensors for every step of `epoch` (the same number of steps on every rank;
         the last batches may be smaller or, on some ranks, empty)."""
         for batch in self.sampler.epoch(epoch):
-            x, y = self.data.take(batch.indices)
-            yield torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+            yield to_device(self.data.take(batch.indices), self.device)
 
 
 def save(path: str, model: torch.nn.Module, optimizer: DistributedOptimizer, *, step: int = 0,

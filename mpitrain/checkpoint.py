@@ -7,6 +7,7 @@ Layout (`h5ls -r` shows it):
     /optimizer/state/<param index>/<key>, attrs param_groups (JSON)
     /strategy/<key>  strategy state (BMUF/EASGD center, parameter-store optimizer state)
     /rng/torch_cpu   (ranks, n) uint8: every rank's torch CPU generator state
+    /rng/torch_cuda  (ranks, m) uint8: every rank's CUDA generator state (GPU jobs only)
     /ranks/<r>/<key> (strategies whose replicas differ) every rank's own state before the
                      checkpoint consolidated it: param.<name>, optim.<index>.<key>, strategy.<key>
 Every dataset carries a `crc32` attribute over its bytes, and the file ends with a trailer
@@ -89,6 +90,7 @@ class Snapshot:
     strategy_state: dict[str, np.ndarray]
     rng: np.ndarray  # (ranks, n) uint8
     rank_state: list[dict[str, np.ndarray]] = field(default_factory=list)  # every rank's own, or none
+    cuda_rng: np.ndarray | None = None  # (ranks, m) uint8, GPU jobs
     mpitrain_version: str = __version__
 
 
@@ -123,7 +125,10 @@ def write(path: Path, snap: Snapshot) -> float:
         s = f.create_group("strategy")
         for k, v in snap.strategy_state.items():
             _put(s, k, v)
-        _put(f.create_group("rng"), "torch_cpu", snap.rng)
+        g = f.create_group("rng")
+        _put(g, "torch_cpu", snap.rng)
+        if snap.cuda_rng is not None:
+            _put(g, "torch_cuda", snap.cuda_rng)
         for r, arrays in enumerate(snap.rank_state):
             g = f.require_group("ranks").create_group(str(r))
             for k, v in arrays.items():
@@ -179,6 +184,7 @@ def read(path: Path) -> Snapshot:
                 optimizer_state={k: arrays(g) for k, g in f["optimizer/state"].items()},
                 param_groups=json.loads(f["optimizer"].attrs["param_groups"]),
                 strategy_state=arrays(f["strategy"]), rng=arrays(f["rng"])["torch_cpu"],
+                cuda_rng=arrays(f["rng"]).get("torch_cuda"),
                 rank_state=[arrays(f[f"ranks/{r}"]) for r in range(len(f["ranks"]))] if "ranks" in f else [],
                 mpitrain_version=str(f.attrs["mpitrain_version"]))
             if bad:

@@ -249,6 +249,9 @@ def _cross_checks(cfg: Config, where: str) -> None:
         if REGISTRY[cfg.sync.strategy].remote_update:
             raise UserError(f"{where}: train.precision = 'fp16': {cfg.sync.strategy!r} applies the update in the "
                             "parameter store, which cannot unscale fp16 gradients; use 'bf16' there")
+    if cfg.train.device == "cuda" and REGISTRY[cfg.sync.strategy].remote_update:
+        raise UserError(f"{where}: sync.strategy = {cfg.sync.strategy!r} keeps the parameters in host RMA windows: "
+                        "set train.device = 'cpu'")
     if cfg.optim.clip_norm and REGISTRY[cfg.sync.strategy].remote_update:
         raise UserError(f"{where}: optim.clip_norm: {cfg.sync.strategy!r} applies the update in the parameter "
                         "store, where there is no reduced gradient to clip; use allreduce or a local strategy")

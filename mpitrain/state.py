@@ -55,6 +55,7 @@ def save(job, pos: Position) -> str:
     with strategy.consolidated():  # the model every rank agrees on
         sstate = strategy.state_dict() if isinstance(strategy, sync.Stateful) else {}
         rng = world.gather(torch.get_rng_state().numpy())
+        cuda_rng = world.gather(torch.cuda.get_rng_state(job.device).numpy()) if job.device.type == "cuda" else None
         every_own = world.gather(own) if own is not None else None
         finite = all(bool(torch.isfinite(p).all()) for p in job.model.parameters())
         if not world.bcast(finite):
@@ -66,6 +67,7 @@ def save(job, pos: Position) -> str:
                 strategy=job.cfg.sync.strategy, model_name=model_id(job.cfg.model), config=job.cfg.dumps(),
                 model={k: v.detach().cpu().numpy() for k, v in job.model.state_dict().items()},
                 **optimizer_arrays(job.optimizer), strategy_state=sstate, rng=np.stack(rng),
+                cuda_rng=np.stack(cuda_rng) if cuda_rng is not None else None,
                 rank_state=every_own or [])
             try:
                 secs = checkpoint.write(path, snap)
@@ -135,6 +137,13 @@ def _check_position(job, snap: checkpoint.Snapshot) -> None:
     if rng.ndim != 2 or rng.dtype != np.uint8 or rng.shape[1] != torch.get_rng_state().numel():
         problems.append(f"RNG states of shape {rng.shape} ({rng.dtype}), expected (ranks, "
                         f"{torch.get_rng_state().numel()}) uint8")
+    cuda = snap.cuda_rng
+    if cuda is not None and (np.ndim(cuda) != 2 or np.asarray(cuda).dtype != np.uint8):
+        problems.append(f"CUDA RNG states of shape {np.shape(cuda)}, expected (ranks, n) uint8")
+    elif job.device.type == "cuda" and cuda is not None \
+            and np.shape(cuda)[1] != torch.cuda.get_rng_state(job.device).numel():
+        problems.append(f"CUDA RNG states of {np.shape(cuda)[1]} bytes, this GPU's have "
+                        f"{torch.cuda.get_rng_state(job.device).numel()}")
     if problems:
         raise UserError(f"checkpoint at step {snap.step} does not fit this job: {'; '.join(problems)}")
 
@@ -225,10 +234,17 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         job.schedule.step()
-    r = job.world.rank
-    if r < len(snap.rng):
-        torch.set_rng_state(torch.from_numpy(np.array(snap.rng[r])))
     if snap.rank_state and own is None and job.world.is_root:
         job.log.info(f"checkpoint written at {len(snap.rank_state)} ranks, resuming at {job.world.size}: every "
                      "rank starts from the consolidated model and rank 0's optimizer state")
     return Position(snap.step, snap.epoch, snap.samples_in_epoch, snap)
+
+
+def restore_rng(snap: checkpoint.Snapshot, rank: int, device) -> None:
+    """This rank's random streams as saved (CPU, and CUDA for GPU jobs), where the
+    checkpoint has this rank (a job resumed on more ranks keeps its fresh seeds there)."""
+    if rank < len(snap.rng):
+        torch.set_rng_state(torch.from_numpy(np.array(snap.rng[rank])))
+    cuda = snap.cuda_rng
+    if device.type == "cuda" and cuda is not None and rank < len(cuda):
+        torch.cuda.set_rng_state(torch.from_numpy(np.array(cuda[rank], dtype=np.uint8)), device)

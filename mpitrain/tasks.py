@@ -70,12 +70,13 @@ class Metric:
         self.task = task
         self.name = {"classify": "test_acc", "regress": "test_mse", "lm": "test_ppl"}[task]
 
-    def batch(self, out, y) -> float:
+    def batch(self, out, y) -> torch.Tensor:
+        """The batch's sum, a 0-d tensor on the output's device (read once per evaluation)."""
         if self.task == "classify":
-            return (out.argmax(-1) == y).sum().item()
+            return (out.argmax(-1) == y).sum()
         if self.task == "regress":
-            return _mse(out, y).item()
-        return _cross_entropy(out, y).item()
+            return _mse(out, y)
+        return _cross_entropy(out, y)
 
     def row(self, mean: float) -> float:
         return math.exp(min(mean, 700.0)) if self.task == "lm" else mean

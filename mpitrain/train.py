@@ -65,13 +65,13 @@ def evaluate(model, loss_fn, metric: Metric, split, world, device, batch_size: i
     whole split, in fp32; each rank evaluates its shard."""
     model.eval()
     lo, hi = world.shard(split.total)
-    totals = np.zeros(3)  # loss sum, metric sum, count
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, metric: read once at the end
     for a in range(lo, hi, batch_size):
-        x, y = (torch.from_numpy(t).to(device) for t in split.take(np.arange(a, min(a + batch_size, hi))))
+        x, y = to_device(split.take(np.arange(a, min(a + batch_size, hi))), device)
         heartbeat.tick()
         out = model(x)
-        totals += [loss_fn(out, y).item(), metric.batch(out, y), len(y)]
-    loss, value, count = world.sum(totals)
+        sums += torch.stack([loss_fn(out, y).double(), metric.batch(out, y).double()])
+    loss, value, count = world.sum(np.append(sums.cpu().numpy(), hi - lo))
     model.train()
     return {"test_loss": loss / count, metric.name: metric.row(value / count)}
 
@@ -101,7 +101,7 @@ class Job:
 def build(cfg: Config, world, log, resources) -> Job:
     """Collective: validate and build the job; any UserError is agreed on by all ranks."""
     threads = configure_threads(cfg.train.threads, world)
-    device = world.agree(world.device, cfg.train.device)
+    device = world.select_device(cfg.train.device)  # collective: one kind of device, one CUDA path
     run_dir = prepare_run_dir(cfg, world)
     train_split, test_split, meta = hdf5.load(cfg.data, world)
     torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
@@ -117,6 +117,9 @@ def build(cfg: Config, world, log, resources) -> Job:
                                      shuffle_of(cfg.data))
     schedule = build_schedule(cfg.optim, optimizer, -(-sampler.steps_per_epoch // t.accumulate), t.epochs)
     strategy = world.agree(sync.create, cfg.sync, world, log)
+    if device.type == "cuda" and sync.REGISTRY[cfg.sync.strategy].remote_update:  # device = "auto" found GPUs
+        raise UserError(f"sync.strategy = {cfg.sync.strategy!r} keeps the parameters in host RMA windows: "
+                        "set train.device = 'cpu'")
     if cfg.train.precision == "fp16" and device.type != "cuda":  # device = "auto" found no GPU
         raise UserError("train.precision = 'fp16' needs a GPU (train.device resolved to cpu); on CPUs use 'bf16'")
     precision = Precision(cfg.train.precision, device, world, reduced=strategy.sums_gradients)
@@ -160,8 +163,8 @@ def resume(job: Job) -> state.Position:
     pos = world.agree(state.restore, job, snap) if snap else state.Position()
     world.on_root(reset_metrics, job, pos)
     torch.manual_seed(job.cfg.train.seed * 7919 + world.rank)  # per-rank stream
-    if snap and world.rank < len(snap.rng):
-        torch.set_rng_state(torch.from_numpy(snap.rng[world.rank].copy()))
+    if snap:
+        state.restore_rng(snap, world.rank, job.device)
     return pos
 
 
@@ -291,16 +294,23 @@ def forward_backward(job: Job, group: list, count: int) -> tuple[float, int]:
     the strategy's reduction runs only for the last one (DDP's no_sync). Each loss is
     weighted for the whole step's `count` samples. Returns (summed loss, local samples)."""
     weight = loss_weight(job.strategy, job.world, count)
-    total, n = 0.0, 0
+    total, n = torch.zeros((), device=job.device), 0
     for i, batch in enumerate(group):
-        x, y = (torch.from_numpy(t).to(job.device) for t in job.train_split.take(batch.indices))
+        x, y = to_device(job.train_split.take(batch.indices), job.device)
         quiet = i < len(group) - 1 and isinstance(job.strategy, sync.NoSync)
         with job.strategy.no_sync() if quiet else contextlib.nullcontext():
             with job.precision.autocast():
                 loss = job.loss(job.model(x), y)
             job.precision.scale(loss * weight).backward()
-        total, n = total + loss.item(), n + len(y)
-    return total, n
+        total, n = total + loss.detach().float(), n + len(y)
+    return total.item(), n  # one device sync per step: the non-finite check needs the value
+
+
+def to_device(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """numpy arrays as tensors on `device`; to a GPU through pinned memory, asynchronously."""
+    if device.type != "cuda":
+        return tuple(torch.from_numpy(a) for a in arrays)
+    return tuple(torch.from_numpy(a).pin_memory().to(device, non_blocking=True) for a in arrays)
 
 
 def loss_weight(strategy, world, global_count: int) -> float:

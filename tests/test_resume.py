@@ -87,3 +87,21 @@ def test_hyperparameters_come_from_the_job_file(world, shared_tmp, digits_h5, ma
         mp.undo()
     assert seen["momentum"] == 0.5 and seen["weight_decay"] == 0.0
     assert np.isclose(seen["initial_lr"], 0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_dropout_resumes_exactly(world, shared_tmp, digits_h5, make_cfg, monkeypatch):
+    """Dropout draws from the CUDA generator on a GPU: its state is saved per rank too."""
+    def cfg(run):
+        return make_cfg(run, digits_h5, model={"name": "mlp", "hidden": [24], "dropout": 0.3},
+                        data={"mode": "replicated"}, optim={"name": "sgd", "lr": 0.05},
+                        train={"batch_size": 8, "epochs": 2, "max_steps": 30, "resume": "auto", "device": "cuda"},
+                        output={"checkpoint_every": 0})
+    _, ref = train(cfg(shared_tmp / "ref"), world, world.logger())
+    _stop_at(monkeypatch, world, 11)
+    with pytest.raises(Stopped):
+        train(cfg(shared_tmp / "run"), world, world.logger())
+    stop_flag().signum = 0
+    monkeypatch.undo()
+    _, got = train(cfg(shared_tmp / "run"), world, world.logger())
+    assert torch.equal(params(got).cpu(), params(ref).cpu())

@@ -28,12 +28,17 @@ from mpi4py import MPI
 from . import buffers
 
 
-def resolve_overlap(overlap: str, cores_per_rank: int, on_gpu: bool) -> str:
-    """The overlap mode for "auto": a comm thread only pays when it has a core of its own
-    (or the compute runs on a GPU); measured in `mpitrain bench step`."""
-    if overlap != "auto":
-        return overlap
-    return "thread" if cores_per_rank >= 2 or on_gpu else "none"
+def resolve_overlap(overlap: str, cores_per_rank: int, on_gpu: bool, thread_multiple: bool = True) -> str:
+    """The overlap mode: "auto" is a comm thread where it pays — a core of its own, or
+    compute on a GPU (measured in `mpitrain bench step`). Without MPI_THREAD_MULTIPLE a comm
+    thread is not allowed; CPU tensors then use Iallreduce from the hook, CUDA tensors
+    reduce after backward (their hooks run on autograd's device thread, where MPI calls are
+    not allowed below THREAD_MULTIPLE, and staging there would stall backward)."""
+    if overlap == "auto":
+        overlap = "thread" if cores_per_rank >= 2 or on_gpu else "none"
+    if not thread_multiple and overlap != "none":
+        return "none" if on_gpu else "nonblocking"
+    return overlap
 
 
 class GradBuckets:
@@ -76,20 +81,22 @@ class GradBuckets:
             self.buffers.append(flat)
         self.nbytes = sum(f.numel() * f.element_size() for f in self.buffers)
         self.is_cuda = bool(self.buffers) and self.buffers[0].is_cuda
-        self.direct = self.is_cuda and self._choose_direct(cuda_path, log)
-        self.stagers = [buffers.Stager(f) for f in self.buffers] if self.is_cuda else None
+        self.overlap = resolve_overlap(overlap, 1, self.is_cuda, world.thread_multiple)
+        self.direct = self.is_cuda and self._choose_direct(cuda_path, world, log)
+        # host mirrors: CUDA buckets on the staged path or with Iallreduce (never on device
+        # buffers: nothing would order it with the GPU streams), and fp16/bf16 (summed in float32)
+        staged = not self.direct or self.overlap == "nonblocking"
+        self.stagers = [buffers.Stager(f) if (f.is_cuda and staged) or f.dtype in buffers.VIA_FLOAT32
+                        else None for f in self.buffers]
         self.paused = False
         self._hooks = [p.register_post_accumulate_grad_hook(self.grad_ready) for p in self.params]
         self._reset()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = None
-        if overlap == "thread" and self.buckets:
-            if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-                self.overlap = "nonblocking"  # a comm thread needs MPI_THREAD_MULTIPLE
-            else:
-                self._thread = threading.Thread(target=self._comm_loop, name="mpitrain-comm", daemon=True)
-                self._thread.start()
+        if self.overlap == "thread" and self.buckets:
+            self._thread = threading.Thread(target=self._comm_loop, name="mpitrain-comm", daemon=True)
+            self._thread.start()
 
     # -- per step ------------------------------------------------------------------
     def _reset(self):
@@ -117,9 +124,9 @@ class GradBuckets:
             self._mark_ready(b)
 
     def _mark_ready(self, b: int):
-        if self.is_cuda:
+        if self.is_cuda:  # the bucket is complete once the kernels queued so far have run
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.buffers[b].device))
             self._events[b] = ev
         self._ready[b] = True
         while self._next < len(self.buckets) and self._ready[self._next]:
@@ -130,29 +137,25 @@ class GradBuckets:
         buffers.TRAFFIC.add(self.buffers[b].numel() * self.buffers[b].element_size())
         if self.overlap == "thread":
             self._work.put(b)
-        elif self.overlap == "nonblocking":
-            if self.is_cuda:  # Iallreduce on device buffers is unsafe: stage (see design.md)
-                host = self._host(b)
-                self._reqs.append(self.comm.Iallreduce(MPI.IN_PLACE, buffers.host_buffer(host), op=MPI.SUM))
-            else:
-                self._reqs.append(self.comm.Iallreduce(MPI.IN_PLACE, buffers.host_buffer(self.buffers[b]),
-                                                       op=MPI.SUM))
-
-    def _host(self, b: int) -> torch.Tensor:
-        return self.stagers[b].to_host(self.buffers[b], self._events[b])
+        elif self.overlap == "nonblocking":  # through host mirrors for CUDA and half types
+            st = self.stagers[b]
+            host = st.to_host(self.buffers[b], self._events[b]) if st is not None else self.buffers[b]
+            self._reqs.append(self.comm.Iallreduce(MPI.IN_PLACE, buffers.host_buffer(host), op=MPI.SUM))
 
     def _reduce_blocking(self, b: int):
         flat = self.buffers[b]
-        if self.is_cuda:
-            if self._events[b] is not None:
-                self._events[b].synchronize()
-            buffers.allreduce_(self.comm, flat, direct_cuda=self.direct, stager=self.stagers[b], count=False)
-        else:
-            self.comm.Allreduce(MPI.IN_PLACE, buffers.host_buffer(flat), op=MPI.SUM)
+        buffers.allreduce_(self.comm, flat, direct=self.direct, stager=self.stagers[b], ready=self._events[b],
+                           count=False)
         if self.scale is not None:
             flat.mul_(self.scale)
+        if self.is_cuda:  # the training thread's stream waits for this before using the gradients
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(flat.device))
+            self._events[b] = done
 
     def _comm_loop(self):
+        if self.is_cuda:  # Open MPI wants the device selected before CUDA-using calls (ompi#627)
+            torch.cuda.set_device(self.buffers[0].device)
         while True:
             b = self._work.get()
             if b is None:
@@ -175,10 +178,14 @@ class GradBuckets:
                 err = self._done.get()
                 if err is not None:
                     raise err
+            if self.is_cuda:
+                stream = torch.cuda.current_stream(self.buffers[0].device)
+                for ev in self._events:
+                    stream.wait_event(ev)
         elif self.overlap == "nonblocking":
             MPI.Request.Waitall(self._reqs)
             for b, flat in enumerate(self.buffers):
-                if self.is_cuda:
+                if self.stagers[b] is not None:
                     self.stagers[b].to_device(flat)
                 if self.scale is not None:
                     flat.mul_(self.scale)
@@ -197,24 +204,29 @@ class GradBuckets:
         self.comm.Free()
 
     # -- CUDA path choice ------------------------------------------------------------
-    def _choose_direct(self, cuda_path: str, log) -> bool:
-        """Collective: direct device buffers or pinned-host staging, by evidence."""
-        if not buffers.cuda_aware():
-            if cuda_path == "direct" and log:
-                log.warning("comm.cuda_path = 'direct' but MPI is not CUDA-aware: staging through host")
+    def _choose_direct(self, cuda_path: str, world, log) -> bool:
+        """Collective: device buffers or pinned-host staging, the same on every rank, and
+        from then on the path of every transfer of the job (world.direct_cuda): direct only
+        if the job agreed its MPI is CUDA-aware; "auto" times both on the largest bucket."""
+        if not world.direct_cuda:
+            if cuda_path == "direct" and log and world.is_root:
+                log.warning("sync.allreduce.cuda_path = 'direct' but MPI is not CUDA-aware on every rank "
+                            "(MPITRAIN_CUDA_AWARE=1 to assert it): staging through host memory")
             return False
-        if cuda_path != "auto":
-            return cuda_path == "direct"
-        probe = max(self.buffers, key=torch.Tensor.numel).clone()
-        stager = buffers.Stager(probe)
-        times = {}
-        for direct in (True, False):
-            buffers.allreduce_(self.comm, probe, direct_cuda=direct, stager=stager)  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(3):
-                buffers.allreduce_(self.comm, probe, direct_cuda=direct, stager=stager)
-            times[direct] = self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-        if log:
-            log.info(f"cuda_path auto: direct {times[True] / 3 * 1e3:.2f} ms, "
-                     f"staged {times[False] / 3 * 1e3:.2f} ms per {probe.numel() * probe.element_size() / 1e6:.1f} MB")
-        return times[True] < times[False]
+        if cuda_path == "auto":
+            probe = max(self.buffers, key=torch.Tensor.numel).clone()
+            stager = buffers.Stager(probe)
+            times = {}
+            for direct in (True, False):
+                buffers.allreduce_(self.comm, probe, direct=direct, stager=stager, count=False)  # warm-up
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    buffers.allreduce_(self.comm, probe, direct=direct, stager=stager, count=False)
+                times[direct] = self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            if log and world.is_root:
+                log.info(f"cuda_path auto: direct {times[True] / 3 * 1e3:.2f} ms, staged {times[False] / 3 * 1e3:.2f}"
+                         f" ms per {probe.numel() * probe.element_size() / 1e6:.1f} MB")
+            world.direct_cuda = times[True] < times[False]
+        else:
+            world.direct_cuda = cuda_path == "direct"
+        return world.direct_cuda

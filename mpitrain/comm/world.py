@@ -31,6 +31,7 @@ class World:
     local_rank: int
     local_size: int
     parent: "World | None" = None  # the whole job, when this world is a subset (e.g. the workers)
+    direct_cuda: bool = False  # CUDA tensors go to MPI as device buffers (agreed; see select_device)
 
     @classmethod
     def create(cls, base: MPI.Intracomm | None = None) -> "World":
@@ -57,15 +58,32 @@ class World:
             return max(1, mine)
         return max(1, total // self.local_size)
 
-    def device(self, want: str):
-        """torch device for this rank: cuda:(local_rank % ngpus) or cpu."""
+    def select_device(self, want: str):
+        """Collective: the job's torch device, the same kind on every rank — cuda:(local
+        rank % GPUs on the node), made this thread's current device, or cpu ("auto": CUDA
+        only if every rank has a GPU). Also agrees on `direct_cuda`: device buffers go to
+        MPI only if every rank's library is CUDA-aware (buffers.cuda_aware), else every
+        transfer is staged through pinned host memory. Decided once, before any probe."""
         import torch
 
-        if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        from . import buffers
+
+        missing = [r for r, ok in enumerate(self.allgather(torch.cuda.is_available())) if not ok]
+        if want == "cpu" or (want == "auto" and missing):
+            self.direct_cuda = False
             return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise UserError("train.device = 'cuda' but torch sees no CUDA device")
-        return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        if missing:
+            raise AgreedError(f"train.device = 'cuda' but torch sees no CUDA device on rank(s) "
+                              f"{', '.join(map(str, missing[:8]))}{' ...' if len(missing) > 8 else ''}")
+        device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        self.direct_cuda = self.min(int(buffers.cuda_aware())) == 1
+        return device
+
+    @property
+    def thread_multiple(self) -> bool:
+        """Whether MPI calls may come from any thread at any time (MPI_THREAD_MULTIPLE)."""
+        return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
     def logger(self, name: str = "mpitrain") -> logging.Logger:
         """A logger whose lines start with [rank/size]."""
@@ -83,7 +101,7 @@ class World:
         """Collective: in-place sum over ranks of a contiguous tensor (any allowed dtype/device)."""
         from . import buffers
 
-        return buffers.allreduce_(self.comm, t)
+        return buffers.allreduce_(self.comm, t, direct=self.direct_cuda)
 
     def average_(self, t):
         """Collective: in-place mean over ranks of a contiguous tensor."""
@@ -93,7 +111,7 @@ class World:
         """Collective: every rank gets rank 0's parameters and buffers."""
         from . import buffers
 
-        buffers.broadcast_module(self.comm, model)
+        buffers.broadcast_module(self.comm, model, direct=self.direct_cuda)
 
     @staticmethod
     def bytes_sent() -> int:
@@ -192,7 +210,7 @@ class World:
         sub = self.comm.Split(color, self.rank)
         w = World.create(sub)
         sub.Free()
-        w.parent = self
+        w.parent, w.direct_cuda = self, self.direct_cuda
         return w
 
     def agree_job(self, fn, *args, **kwargs):
@@ -217,7 +235,7 @@ class World:
     def dup(self) -> "World":
         """Collective: the same ranks on a private communicator (for a library's own traffic)."""
         w = World.create(self.comm)
-        w.parent = self.parent
+        w.parent, w.direct_cuda = self.parent, self.direct_cuda
         return w
 
     def free(self) -> None:

@@ -38,14 +38,15 @@ class AllreduceStrategy:
         o = self.options
         self.world.broadcast_module(model)
         on_gpu = next(model.parameters()).is_cuda
-        overlap = resolve_overlap(o.overlap, self.world.cores_per_rank(), on_gpu)
+        overlap = resolve_overlap(o.overlap, self.world.cores_per_rank(), on_gpu, self.world.thread_multiple)
         self.buckets = GradBuckets(model.parameters(), self.world, bucket_bytes=int(o.bucket_mb * 2**20),
                                    first_bucket_bytes=int(o.first_bucket_mb * 2**20), overlap=overlap,
                                    average=False, cuda_path=o.cuda_path, log=self.log)
         resources.callback(self.buckets.close)
         if self.log and self.world.is_root:
             sizes = ", ".join(f"{b.numel() * b.element_size() / 2**20:.1f}" for b in self.buckets.buffers)
-            self.log.info(f"allreduce: {len(self.buckets.buffers)} buckets ({sizes} MB), overlap {overlap}")
+            self.log.info(f"allreduce: {len(self.buckets.buffers)} buckets ({sizes} MB), overlap {self.buckets.overlap}"
+                          + (f", CUDA {'direct' if self.buckets.direct else 'staged'}" if on_gpu else ""))
 
     def after_backward(self, step):
         self.buckets.finish()

@@ -14,21 +14,21 @@ def flat_params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _toy_steps(world, step_fn, steps=5):
+def _toy_steps(world, step_fn, steps=5, device="cpu"):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48),
-                                torch.nn.ReLU(), torch.nn.Linear(48, 5))
+                                torch.nn.ReLU(), torch.nn.Linear(48, 5)).to(device)
     world.broadcast_module(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(100 + world.rank)
     state = step_fn(model, None)
     for _ in range(steps):
         x, y = torch.randn(16, 20, generator=g), torch.randint(0, 5, (16,), generator=g)
-        step_fn(model, state, x, y)
+        step_fn(model, state, x.to(device), y.to(device))
         opt.step()
     if state is not None and hasattr(state, "close"):
         state.close()
-    return flat_params(model)
+    return flat_params(model).cpu()
 
 
 def _flat_after_backward(world):
@@ -48,11 +48,11 @@ def _flat_after_backward(world):
     return fn
 
 
-def _bucketed(world, overlap, bucket_bytes):
+def _bucketed(world, overlap, bucket_bytes, cuda_path="auto"):
     def fn(model, state, x=None, y=None):
         if x is None:
             return GradBuckets(model.parameters(), world, bucket_bytes=bucket_bytes,
-                               first_bucket_bytes=min(bucket_bytes, 1024), overlap=overlap)
+                               first_bucket_bytes=min(bucket_bytes, 1024), overlap=overlap, cuda_path=cuda_path)
         state.zero_()
         F.cross_entropy(model(x), y).backward()
         state.finish()
@@ -119,6 +119,29 @@ def test_resolve_overlap():
     assert resolve_overlap("auto", 1, on_gpu=True) == "thread"
     for mode in ("thread", "nonblocking", "none"):
         assert resolve_overlap(mode, 1, on_gpu=False) == mode
+    # below MPI_THREAD_MULTIPLE: no comm thread; CUDA hooks (autograd's device thread) may not call MPI
+    for mode in ("auto", "thread", "nonblocking"):
+        assert resolve_overlap(mode, 4, on_gpu=False, thread_multiple=False) == "nonblocking"
+        assert resolve_overlap(mode, 4, on_gpu=True, thread_multiple=False) == "none"
+    assert resolve_overlap("none", 4, on_gpu=True, thread_multiple=False) == "none"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("overlap", ["thread", "nonblocking", "none"])
+def test_half_precision_buckets_on_cpu(world, dtype, overlap):
+    """fp16/bf16 gradients are summed in float32 (MPI has no fp16 type, mis-sums bf16)."""
+    model = torch.nn.Linear(6, 4).to(dtype)
+    bk = GradBuckets(model.parameters(), world, bucket_bytes=64, first_bucket_bytes=32, overlap=overlap)
+    try:
+        for step in range(2):
+            bk.zero_()
+            (model.weight.sum() * (world.rank + 1) + model.bias.sum() * 0.5).backward()
+            bk.finish()
+            n = world.size
+            assert torch.equal(model.weight.grad, torch.full((4, 6), (n + 1) / 2, dtype=dtype))  # mean of 1..n
+            assert torch.equal(model.bias.grad, torch.full((4,), 0.5, dtype=dtype)), step
+    finally:
+        bk.close()
 
 
 def test_same_as_torch_ddp_gloo(world):
@@ -138,3 +161,14 @@ def test_same_as_torch_ddp_gloo(world):
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("overlap", ["thread", "nonblocking", "none"])
+@pytest.mark.parametrize("cuda_path", ["staged", "direct", "auto"])
+def test_cuda_buckets_match_the_cpu_result(world, overlap, cuda_path):
+    """Staged or direct, from the comm thread or after backward: the sums of the CPU path
+    (up to the GPU's own float rounding in forward/backward)."""
+    cpu = _toy_steps(world, _bucketed(world, "none", 4096))
+    got = _toy_steps(world, _bucketed(world, overlap, 4096, cuda_path), device="cuda")
+    torch.testing.assert_close(got, cpu, rtol=1e-4, atol=1e-5)
