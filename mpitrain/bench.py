@@ -54,22 +54,25 @@ def step(args, world, log) -> None:
     """Collective: ms/step of compute-only, mpitrain sync (3 overlap modes), naive flat
     allreduce after backward, and torch DDP with gloo, same model and data."""
     threads = configure_threads(0, world)
+    device = world.select_device(args.device)
     hidden = [int(h) for h in args.hidden.split(",")]
     torch.manual_seed(0)
     base = _mlp(args.features, hidden)
     g = torch.Generator().manual_seed(1 + world.rank)
-    x = torch.randn(args.batch, args.features, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    x = torch.randn(args.batch, args.features, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     n_params = sum(p.numel() for p in base.parameters())
     _header(world, "step", threads)
     if world.is_root:
-        print(f"# MLP {args.features}-{'-'.join(map(str, hidden))}-10: {n_params:,} params "
+        print(f"# on {device} ({'CUDA ' + ('direct' if world.direct_cuda else 'staged') + ', ' if device.type == 'cuda' else ''}"
+              f"MLP {args.features}-{'-'.join(map(str, hidden))}-10: {n_params:,} params "
               f"({n_params * 4 / 2**20:.1f} MB of fp32 grads), batch {args.batch}/rank, "
               f"{args.steps} steps x {args.repeats} rounds, buckets {args.bucket_mb} MB")
 
     def fresh():
         m = _mlp(args.features, hidden)
         m.load_state_dict(base.state_dict())
+        m.to(device)
         return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
 
     variants = []
@@ -132,6 +135,7 @@ def step(args, world, log) -> None:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 v.step_fn()
+            _sync(device)
             dt = world.max(time.perf_counter() - t0)
             rounds[v.name].append(dt / args.steps * 1e3)
     ms = {k: statistics.median(v) for k, v in rounds.items()}
@@ -150,7 +154,7 @@ def step(args, world, log) -> None:
         for name, v in ms.items():
             print(f"{name:28s} {v:9.2f} {min(rounds[name]):8.2f} {max(rounds[name]):8.2f} "
                   f"{v / bound:9.2f} " + (f"{v / ddp_ms:7.2f}" if ddp_ms else "      -"))
-        auto = resolve_overlap("auto", world.cores_per_rank(), on_gpu=False)
+        auto = resolve_overlap("auto", world.cores_per_rank(), device.type == "cuda", world.thread_multiple)
         print(f"# sync.overlap = 'auto' (the default) uses '{auto}' here: {world.cores_per_rank()} core(s) per rank")
         print("# max |param difference| to mpitrain sync (thread) after all steps: "
               + ", ".join(f"{k}: {d:.1e}" for k, d in diff.items()))
@@ -178,10 +182,12 @@ def init_gloo(world) -> None:
 def allreduce(args, world, log) -> None:
     """Collective: algbw and busbw of raw MPI.Allreduce and of the bucketed gradient path."""
     threads = configure_threads(0, world)
+    device = world.select_device(args.device)
     _header(world, "allreduce", threads)
-    overlap = resolve_overlap(args.overlap, world.cores_per_rank(), on_gpu=False)
+    overlap = resolve_overlap(args.overlap, world.cores_per_rank(), device.type == "cuda", world.thread_multiple)
     if world.is_root:
-        print(f"# bucketed path: {args.bucket_mb} MB buckets (first 1 MB), overlap '{overlap}', "
+        print(f"# on {device}{' (CUDA ' + ('direct' if world.direct_cuda else 'staged') + ')' if device.type == 'cuda' else ''}"
+              f"; bucketed path: {args.bucket_mb} MB buckets (first 1 MB), overlap '{overlap}', "
               f"8 tensors per message size; median of 3 x {args.iters} iterations, slowest rank")
     n = world.size
     if world.is_root:
@@ -189,9 +195,9 @@ def allreduce(args, world, log) -> None:
               f"{'bucket ms':>10s} {'bkt algbw':>10s} {'bkt busbw':>10s} {'bkt/raw':>8s}   (GB/s)")
     for size in [_parse_size(s) for s in args.sizes.split(",")]:
         count = max(1, size // 4)
-        buf = torch.ones(count)
+        buf = torch.ones(count, device=device)
         # the bucketed path on 8 "parameters" of the same total size
-        pieces = [nn.Parameter(torch.zeros(c)) for c in _split(count, 8)]
+        pieces = [nn.Parameter(torch.zeros(c, device=device)) for c in _split(count, 8)]
         bk = GradBuckets(pieces, world, bucket_bytes=int(args.bucket_mb * 2**20),
                          first_bucket_bytes=2**20, overlap=overlap, average=False)
 
@@ -211,6 +217,7 @@ def allreduce(args, world, log) -> None:
                 t0 = time.perf_counter()
                 for _ in range(args.iters):
                     fn()
+                _sync(device)
                 times.append(world.max(time.perf_counter() - t0) / args.iters)
             t[name] = statistics.median(times)
         bk.close()
@@ -221,6 +228,12 @@ def allreduce(args, world, log) -> None:
             print(f"{nbytes:10d} {t['raw'] * 1e3:9.3f} {alg['raw']:10.3f} {bus['raw']:10.3f} "
                   f"{t['bucketed'] * 1e3:10.3f} {alg['bucketed']:10.3f} {bus['bucketed']:10.3f} "
                   f"{alg['bucketed'] / alg['raw']:8.2f}")
+
+
+def _sync(device) -> None:
+    """Wait for the GPU's queued work before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _split(n: int, k: int) -> list[int]:

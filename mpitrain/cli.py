@@ -97,11 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     bstep.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
     bstep.add_argument("--bucket-mb", type=float, default=25.0)
     bstep.add_argument("--no-ddp", action="store_true", help="skip the torch DDP-gloo baseline")
+    bstep.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where the model runs")
     ba = bs.add_parser("allreduce", help="algbw/busbw of raw MPI.Allreduce vs the bucketed path")
     ba.add_argument("--sizes", default="4K,64K,1M,4M,16M,64M", help="message sizes in bytes (K/M suffixes)")
     ba.add_argument("--iters", type=int, default=10)
     ba.add_argument("--bucket-mb", type=float, default=25.0)
     ba.add_argument("--overlap", default="auto", choices=("auto", "thread", "nonblocking", "none"))
+    ba.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where the buffers live")
     bg = bs.add_parser("straggler", help="one slow rank: throughput and time to accuracy per strategy")
     bg.add_argument("--spec", default="jobs/straggler-digits.toml",
                     help="comparison file: base job, target, [[run]] tables (the first is the baseline)")
