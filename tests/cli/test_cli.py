@@ -149,7 +149,7 @@ def bad_cases(tmp, digits, np_, good_ckpt):
         "not hdf5": (ok + ["--set", f"data.path={tmp}/bad.toml"], "not an HDF5 file"),
         "wrong dataset": (ok + ["--set", "data.x=images"], "train/images: no such dataset"),
         "wrong group": (ok + ["--set", "data.train=training"], "no group 'training'"),
-        "unknown model": (ok + ["--set", "model.name=resnet"], "unknown model 'resnet'"),
+        "unknown model": (ok + ["--set", "model.name=vgg"], "unknown model 'vgg'"),
         "unknown strategy": (ok + ["--set", "sync.strategy=gossip"], "unknown strategy 'gossip'"),
         "unknown optimizer": (ok + ["--set", "optim.name=lamb"], "unknown optimizer 'lamb'"),
         "global shuffle partitioned": (ok + ["--set", "data.shuffle=global"], "needs data.mode = 'replicated'"),
