@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import field
 
@@ -44,6 +45,10 @@ def check(where: str, key: str, f: dataclasses.Field, hint, value):
     elif hint is dict:
         if not isinstance(value, dict):
             bad("a table")
+    elif origin is types.UnionType:  # e.g. bool | str: true, false or "auto"
+        kinds = typing.get_args(hint)
+        if not isinstance(value, kinds) or (isinstance(value, int) and not isinstance(value, bool)):
+            bad(" or ".join({bool: "true or false", str: "a string"}.get(k, k.__name__) for k in kinds))
     elif origin is tuple:
         (elem, *_rest) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):

@@ -172,14 +172,21 @@ def stager_for(t: torch.Tensor) -> Stager:
 
 
 def allreduce_(comm: MPI.Intracomm, t: torch.Tensor, *, direct: bool = False, stager: Stager | None = None,
-               ready: "torch.cuda.Event | None" = None, count: bool = True) -> torch.Tensor:
+               ready: "torch.cuda.Event | None" = None, count: bool = True, via=None) -> torch.Tensor:
     """Collective: in-place SUM allreduce of a contiguous tensor of any allowed dtype/device.
 
     float16/bfloat16 go through float32. A CUDA tensor goes to MPI as a device buffer only
     with `direct` (the job's agreed path, World.direct_cuda), else through a pinned host
     buffer (`stager`, default a cached one). `ready`: an event after which t is complete
-    (default: everything queued on this thread's current stream).
+    (default: everything queued on this thread's current stream). `via`: an object whose
+    `allreduce_(buf)` does the sum instead of comm.Allreduce (e.g. a NodeHierarchy).
     """
+    def reduce(buf):
+        if via is not None:
+            via.allreduce_(buf)
+        else:
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
     if not t.is_contiguous():
         raise ValueError("allreduce_ needs a contiguous tensor")
     if count:
@@ -189,14 +196,14 @@ def allreduce_(comm: MPI.Intracomm, t: torch.Tensor, *, direct: bool = False, st
             ready.synchronize()
         else:
             torch.cuda.current_stream(t.device).synchronize()
-        comm.Allreduce(MPI.IN_PLACE, device_buffer(t), op=MPI.SUM)
+        reduce(device_buffer(t))
         return t
     if t.is_cuda or t.dtype in VIA_FLOAT32:  # through a host (float32) mirror
         st = stager or stager_for(t)
-        comm.Allreduce(MPI.IN_PLACE, host_buffer(st.to_host(t, ready)), op=MPI.SUM)
+        reduce(host_buffer(st.to_host(t, ready)))
         st.to_device(t)
         return t
-    comm.Allreduce(MPI.IN_PLACE, host_buffer(t), op=MPI.SUM)
+    reduce(host_buffer(t))
     return t
 
 

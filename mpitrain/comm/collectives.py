@@ -41,12 +41,44 @@ def resolve_overlap(overlap: str, cores_per_rank: int, on_gpu: bool, thread_mult
     return overlap
 
 
+class NodeHierarchy:
+    """Collective to create and to `free`: the ranks of each node (shared memory) and one
+    leader per node. `allreduce_(buf)` sums inside each node onto its leader, over the
+    leaders (the only traffic between nodes: one buffer per node instead of one per
+    rank), then broadcasts inside each node. Nodes may differ in size. `color` groups the
+    ranks into nodes explicitly (tests); by default they are the shared-memory domains."""
+
+    def __init__(self, comm: MPI.Intracomm, color: int | None = None):
+        rank = comm.Get_rank()
+        self.node = (comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if color is None
+                     else comm.Split(color, rank))
+        self.leader = self.node.Get_rank() == 0
+        self.leaders = comm.Split(0 if self.leader else MPI.UNDEFINED, rank)
+        self.nodes = comm.allreduce(int(self.leader))
+
+    def allreduce_(self, buf) -> None:
+        """Collective: in-place sum over all ranks of an MPI buffer spec [array, datatype]."""
+        if self.leader:
+            self.node.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)
+            self.leaders.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        else:
+            self.node.Reduce(buf, None, op=MPI.SUM, root=0)
+        self.node.Bcast(buf, root=0)
+
+    def free(self) -> None:
+        """Collective."""
+        if self.leaders != MPI.COMM_NULL:
+            self.leaders.Free()
+        self.node.Free()
+
+
 class GradBuckets:
     """Gradients of `params` in flat bucket buffers, summed (or averaged) over the world's
     ranks as they become ready. Collective to create and to `close`."""
 
     def __init__(self, params, world, *, bucket_bytes: int, first_bucket_bytes: int,
-                 overlap: str = "thread", average: bool = True, cuda_path: str = "auto", log=None):
+                 overlap: str = "thread", average: bool = True, cuda_path: str = "auto",
+                 hierarchical: bool | str = False, log=None):
         self.comm = world.comm.Dup()
         self.size = self.comm.Get_size()
         # average=False: the caller pre-scaled the loss, the SUM is already the mean (saves a pass)
@@ -88,6 +120,9 @@ class GradBuckets:
         staged = not self.direct or self.overlap == "nonblocking"
         self.stagers = [buffers.Stager(f) if (f.is_cuda and staged) or f.dtype in buffers.VIA_FLOAT32
                         else None for f in self.buffers]
+        self.hierarchy = self._choose_hierarchy(hierarchical, world, log) if self.buffers else None
+        if self.hierarchy is not None and self.overlap == "nonblocking":
+            self.overlap = "none"  # three dependent collectives: no single nonblocking call
         self.paused = False
         self._hooks = [p.register_post_accumulate_grad_hook(self.grad_ready) for p in self.params]
         self._reset()
@@ -145,7 +180,7 @@ class GradBuckets:
     def _reduce_blocking(self, b: int):
         flat = self.buffers[b]
         buffers.allreduce_(self.comm, flat, direct=self.direct, stager=self.stagers[b], ready=self._events[b],
-                           count=False)
+                           count=False, via=self.hierarchy)
         if self.scale is not None:
             flat.mul_(self.scale)
         if self.is_cuda:  # the training thread's stream waits for this before using the gradients
@@ -201,9 +236,42 @@ class GradBuckets:
             self._work.put(None)
             self._thread.join()
             self._thread = None
+        if self.hierarchy is not None:
+            self.hierarchy.free()
         self.comm.Free()
 
-    # -- CUDA path choice ------------------------------------------------------------
+    # -- path choices (collective, the same on every rank) -----------------------------
+    def _choose_hierarchy(self, hierarchical, world, log) -> NodeHierarchy | None:
+        """Collective: a NodeHierarchy to reduce through, or None for the flat allreduce.
+        "auto": only across nodes, and only if it is faster on the largest bucket."""
+        if hierarchical is False:
+            return None
+        h = NodeHierarchy(self.comm)
+        if hierarchical == "auto":
+            if h.nodes == 1 or h.nodes == self.size:  # one node, or one rank per node: nothing to gain
+                h.free()
+                return None
+            probe = max(self.buffers, key=torch.Tensor.numel).clone()
+            times = {name: self._time(lambda via=via: buffers.allreduce_(self.comm, probe, direct=self.direct,
+                                                                        count=False, via=via))
+                     for name, via in (("flat", None), ("hierarchical", h))}
+            if log and world.is_root:
+                log.info(f"hierarchical auto ({h.nodes} nodes): flat {times['flat'] * 1e3:.2f} ms, "
+                         f"hierarchical {times['hierarchical'] * 1e3:.2f} ms per "
+                         f"{probe.numel() * probe.element_size() / 1e6:.1f} MB")
+            if times["hierarchical"] >= times["flat"]:
+                h.free()
+                return None
+        return h
+
+    def _time(self, fn, repeats: int = 3) -> float:
+        """Collective: seconds per call of fn (after one warm-up), the slowest rank's."""
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return self.comm.allreduce((time.perf_counter() - t0) / repeats, op=MPI.MAX)
+
     def _choose_direct(self, cuda_path: str, world, log) -> bool:
         """Collective: device buffers or pinned-host staging, the same on every rank, and
         from then on the path of every transfer of the job (world.direct_cuda): direct only
@@ -216,15 +284,11 @@ class GradBuckets:
         if cuda_path == "auto":
             probe = max(self.buffers, key=torch.Tensor.numel).clone()
             stager = buffers.Stager(probe)
-            times = {}
-            for direct in (True, False):
-                buffers.allreduce_(self.comm, probe, direct=direct, stager=stager, count=False)  # warm-up
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    buffers.allreduce_(self.comm, probe, direct=direct, stager=stager, count=False)
-                times[direct] = self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            times = {direct: self._time(lambda d=direct: buffers.allreduce_(self.comm, probe, direct=d,
+                                                                           stager=stager, count=False))
+                     for direct in (True, False)}
             if log and world.is_root:
-                log.info(f"cuda_path auto: direct {times[True] / 3 * 1e3:.2f} ms, staged {times[False] / 3 * 1e3:.2f}"
+                log.info(f"cuda_path auto: direct {times[True] * 1e3:.2f} ms, staged {times[False] * 1e3:.2f}"
                          f" ms per {probe.numel() * probe.element_size() / 1e6:.1f} MB")
             world.direct_cuda = times[True] < times[False]
         else:

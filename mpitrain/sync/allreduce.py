@@ -19,6 +19,9 @@ class Options:
                             "each rank has >= 2 cores or a GPU, else none (see README benchmarks)")
     cuda_path: str = opt("auto", choices=("auto", "direct", "staged"),
                          help="CUDA tensors: device buffers to a CUDA-aware MPI, or pinned-host staging")
+    hierarchical: bool | str = opt("auto", choices=(True, False, "auto"),
+                                   help="sum inside each node, then over one leader per node, then broadcast "
+                                        "in the node; auto: across nodes, where measured faster")
 
 
 @register("allreduce")
@@ -41,12 +44,15 @@ class AllreduceStrategy:
         overlap = resolve_overlap(o.overlap, self.world.cores_per_rank(), on_gpu, self.world.thread_multiple)
         self.buckets = GradBuckets(model.parameters(), self.world, bucket_bytes=int(o.bucket_mb * 2**20),
                                    first_bucket_bytes=int(o.first_bucket_mb * 2**20), overlap=overlap,
-                                   average=False, cuda_path=o.cuda_path, log=self.log)
+                                   average=False, cuda_path=o.cuda_path, hierarchical=o.hierarchical,
+                                   log=self.log)
         resources.callback(self.buckets.close)
         if self.log and self.world.is_root:
             sizes = ", ".join(f"{b.numel() * b.element_size() / 2**20:.1f}" for b in self.buckets.buffers)
+            h = self.buckets.hierarchy
             self.log.info(f"allreduce: {len(self.buckets.buffers)} buckets ({sizes} MB), overlap {self.buckets.overlap}"
-                          + (f", CUDA {'direct' if self.buckets.direct else 'staged'}" if on_gpu else ""))
+                          + (f", CUDA {'direct' if self.buckets.direct else 'staged'}" if on_gpu else "")
+                          + (f", hierarchical over {h.nodes} node(s)" if h is not None else ""))
 
     def after_backward(self, step):
         self.buckets.finish()

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpitrain.comm.collectives import GradBuckets, resolve_overlap
+from mpitrain.comm import buffers
+from mpitrain.comm.collectives import GradBuckets, NodeHierarchy, resolve_overlap
 
 pytestmark = pytest.mark.mpi
 
@@ -172,3 +173,49 @@ def test_cuda_buckets_match_the_cpu_result(world, overlap, cuda_path):
     cpu = _toy_steps(world, _bucketed(world, "none", 4096))
     got = _toy_steps(world, _bucketed(world, overlap, 4096, cuda_path), device="cuda")
     torch.testing.assert_close(got, cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["halves", "one node", "a rank per node", "uneven"])
+def test_hierarchical_allreduce_equals_flat(world, layout):
+    """Sum in the node, over the node leaders, broadcast in the node: the flat sum, for
+    any grouping of ranks into nodes (integer-valued floats: exact in any order)."""
+    n, r = world.size, world.rank
+    color = {"halves": r // max(1, n // 2), "one node": 0, "a rank per node": r,
+             "uneven": 0 if r == 0 else 1}[layout]
+    h = NodeHierarchy(world.comm, color=color)
+    try:
+        expect_nodes = len({(i // max(1, n // 2)) if layout == "halves" else
+                            {"one node": 0, "a rank per node": i, "uneven": min(i, 1)}[layout] for i in range(n)})
+        assert h.nodes == expect_nodes
+        for dtype in (torch.float32, torch.float64):
+            t = torch.arange(1000, dtype=dtype) * (r + 1) - r
+            buffers.allreduce_(world.comm, t, via=h)
+            s1 = n * (n + 1) // 2
+            assert torch.equal(t, torch.arange(1000, dtype=dtype) * s1 - n * (n - 1) // 2)
+    finally:
+        h.free()
+
+
+def test_hierarchical_buckets_match_flat(world):
+    flat = _toy_steps(world, _bucketed(world, "none", 4096))
+
+    def hier(model, state, x=None, y=None):
+        if x is None:
+            return GradBuckets(model.parameters(), world, bucket_bytes=4096, first_bucket_bytes=1024,
+                               overlap="thread", hierarchical=True)
+        state.zero_()
+        F.cross_entropy(model(x), y).backward()
+        state.finish()
+    torch.testing.assert_close(_toy_steps(world, hier), flat, rtol=1e-6, atol=1e-7)
+
+
+def test_hierarchical_option_values(world):
+    from mpitrain.errors import UserError
+    from mpitrain.options import build
+    from mpitrain.sync.allreduce import Options
+
+    for ok in (True, False, "auto"):
+        assert build(Options, {"hierarchical": ok}, "t", "sync.allreduce").hierarchical == ok
+    for bad, message in ((1, "true or false or a string"), ("yes", "one of True, False, 'auto'")):
+        with pytest.raises(UserError, match=message):
+            build(Options, {"hierarchical": bad}, "t", "sync.allreduce")
