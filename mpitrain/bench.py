@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm.collectives import GradBuckets, resolve_overlap
+from .comm import buffers
+from .comm.collectives import GradBuckets, NodeHierarchy, resolve_overlap
 from .comm.world import library_version
 from .train import configure_threads
 
@@ -190,9 +191,12 @@ def allreduce(args, world, log) -> None:
               f"; bucketed path: {args.bucket_mb} MB buckets (first 1 MB), overlap '{overlap}', "
               f"8 tensors per message size; median of 3 x {args.iters} iterations, slowest rank")
     n = world.size
+    hier = NodeHierarchy(world.comm)
     if world.is_root:
+        print(f"# hierarchical: sum in each of the {hier.nodes} node(s), over one leader per node, broadcast")
         print(f"{'bytes':>10s} {'raw ms':>9s} {'raw algbw':>10s} {'raw busbw':>10s} "
-              f"{'bucket ms':>10s} {'bkt algbw':>10s} {'bkt busbw':>10s} {'bkt/raw':>8s}   (GB/s)")
+              f"{'bucket ms':>10s} {'bkt algbw':>10s} {'bkt busbw':>10s} {'bkt/raw':>8s} "
+              f"{'hier ms':>9s} {'raw/hier':>9s}   (GB/s; raw/hier > 1: hierarchical is faster)")
     for size in [_parse_size(s) for s in args.sizes.split(",")]:
         count = max(1, size // 4)
         buf = torch.ones(count, device=device)
@@ -204,12 +208,15 @@ def allreduce(args, world, log) -> None:
         def raw():
             world.allreduce_(buf)
 
+        def hierarchical():
+            buffers.allreduce_(world.comm, buf, direct=world.direct_cuda, via=hier)
+
         def bucketed():
             for p in reversed(pieces):
                 bk.grad_ready(p)
             bk.finish()
         t = {}
-        for name, fn in (("raw", raw), ("bucketed", bucketed)):
+        for name, fn in (("raw", raw), ("bucketed", bucketed), ("hier", hierarchical)):
             fn()
             times = []
             for _ in range(3):
@@ -227,7 +234,8 @@ def allreduce(args, world, log) -> None:
             bus = {k: a * 2 * (n - 1) / n for k, a in alg.items()}
             print(f"{nbytes:10d} {t['raw'] * 1e3:9.3f} {alg['raw']:10.3f} {bus['raw']:10.3f} "
                   f"{t['bucketed'] * 1e3:10.3f} {alg['bucketed']:10.3f} {bus['bucketed']:10.3f} "
-                  f"{alg['bucketed'] / alg['raw']:8.2f}")
+                  f"{alg['bucketed'] / alg['raw']:8.2f} {t['hier'] * 1e3:9.3f} {t['raw'] / t['hier']:9.2f}")
+    hier.free()
 
 
 def _sync(device) -> None:
