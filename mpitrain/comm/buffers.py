@@ -207,6 +207,31 @@ def allreduce_(comm: MPI.Intracomm, t: torch.Tensor, *, direct: bool = False, st
     return t
 
 
+def _bytes_on_host(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes as a contiguous uint8 CPU tensor (a view where t is already one)."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+
+
+def allgather(comm: MPI.Intracomm, t: torch.Tensor) -> torch.Tensor:
+    """Collective: every rank's t (same shape and dtype everywhere, any dtype: moved as
+    bytes), stacked to (ranks, *t.shape) on t's device."""
+    send = _bytes_on_host(t)
+    TRAFFIC.add(send.numel())
+    recv = torch.empty(comm.Get_size() * send.numel(), dtype=torch.uint8)
+    comm.Allgather(host_buffer(send), host_buffer(recv))
+    return recv.view(t.dtype).reshape(comm.Get_size(), *t.shape).to(t.device)
+
+
+def alltoall(comm: MPI.Intracomm, t: torch.Tensor) -> torch.Tensor:
+    """Collective: t of shape (ranks, ...) sends row j to rank j; returns (ranks, ...)
+    whose row i came from rank i (bytes, any dtype; on t's device)."""
+    send = _bytes_on_host(t)
+    TRAFFIC.add(send.numel())
+    recv = torch.empty_like(send)
+    comm.Alltoall(host_buffer(send), host_buffer(recv))
+    return recv.view(t.dtype).reshape(t.shape).to(t.device)
+
+
 def bcast_(comm: MPI.Intracomm, t: torch.Tensor, root: int = 0, *, direct: bool = False) -> torch.Tensor:
     """Collective: in-place broadcast of a contiguous tensor from `root` (bytes, so any
     dtype); CUDA tensors as allreduce_ (direct only on the agreed path, else staged)."""

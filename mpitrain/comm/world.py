@@ -107,6 +107,18 @@ class World:
         """Collective: in-place mean over ranks of a contiguous tensor."""
         return self.allreduce_(t).div_(self.size) if self.size > 1 else t
 
+    def allgather_tensor(self, t):
+        """Collective: every rank's tensor t (same shape everywhere), as (ranks, *t.shape)."""
+        from . import buffers
+
+        return buffers.allgather(self.comm, t)
+
+    def alltoall_tensor(self, t):
+        """Collective: t (ranks, ...): row j goes to rank j; row i of the result came from rank i."""
+        from . import buffers
+
+        return buffers.alltoall(self.comm, t)
+
     def broadcast_module(self, model) -> None:
         """Collective: every rank gets rank 0's parameters and buffers."""
         from . import buffers

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from ..comm.collectives import GradBuckets, resolve_overlap
 from ..options import opt
+from . import compress
 from .base import register
+from .helpers import FlatParams
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,12 @@ class Options:
     hierarchical: bool | str = opt("auto", choices=(True, False, "auto"),
                                    help="sum inside each node, then over one leader per node, then broadcast "
                                         "in the node; auto: across nodes, where measured faster")
+    compress: str = opt("none", choices=("none", "fp16", "bf16", "topk", "powersgd", "sign"),
+                        help="gradient compression (reduced after backward, no bucket overlap); see README")
+    topk_ratio: float = opt(0.01, gt=0.0, max=1.0, help="topk: fraction of the values sent")
+    powersgd_rank: int = opt(2, min=1, max=4096, help="powersgd: rank of the approximation")
+    powersgd_start_step: int = opt(0, min=0, help="powersgd: plain allreduce for this many steps first")
+    powersgd_min_numel: int = opt(4096, min=0, help="powersgd: smaller tensors and vectors go uncompressed")
 
 
 @register("allreduce")
@@ -36,10 +44,17 @@ class AllreduceStrategy:
     def __init__(self, options: Options, world, log=None):
         self.options, self.world, self.log = options, world, log
         self.buckets: GradBuckets | None = None
+        self.compressor = None
 
     def setup(self, model, optimizer, resources):
         o = self.options
         self.world.broadcast_module(model)
+        if o.compress != "none":
+            self.flat = FlatParams(model)
+            self.compressor = compress.create(o, self.world, self.flat.params, self.flat.grad)
+            if self.log and self.world.is_root:
+                self.log.info(f"allreduce: compress {o.compress}, one reduction after backward")
+            return
         on_gpu = next(model.parameters()).is_cuda
         overlap = resolve_overlap(o.overlap, self.world.cores_per_rank(), on_gpu, self.world.thread_multiple)
         self.buckets = GradBuckets(model.parameters(), self.world, bucket_bytes=int(o.bucket_mb * 2**20),
@@ -55,7 +70,10 @@ class AllreduceStrategy:
                           + (f", hierarchical over {h.nodes} node(s)" if h is not None else ""))
 
     def after_backward(self, step):
-        self.buckets.finish()
+        if self.compressor is not None:
+            self.compressor.reduce_(self.flat.gather_grads(), step)
+        else:
+            self.buckets.finish()
 
     def after_step(self, step):
         pass
@@ -66,6 +84,8 @@ class AllreduceStrategy:
     @contextlib.contextmanager
     def no_sync(self):
         """Backward accumulates into the buckets without reducing (gradient accumulation)."""
-        self.buckets.paused = True
+        if self.buckets is not None:
+            self.buckets.paused = True
         yield
-        self.buckets.paused = False
+        if self.buckets is not None:
+            self.buckets.paused = False
