@@ -162,8 +162,8 @@ def bad_cases(tmp, digits, np_, good_ckpt):
                                      + ["--set", "train.resume=never"], "cannot be partitioned over")
         if np_ > 1 else (ok + ["--set", "optim.betas=[2, 0.9]", "--set", "optim.name=adam"],
                          "optim.betas: expected two numbers in [0, 1)"),
-        "wrong dtype": (ok + ["--set", f"data.path={bad_data(tmp, 'dtype', y=[0.5] * 30)}"],
-                        "labels must be integers"),
+        "wrong dtype": (ok + ["--set", f"data.path={bad_data(tmp, 'dtype', y=[b'a'] * 30)}"],
+                        "targets must be integer labels or float values"),
         "corrupted checkpoint": (ok + ["--set", f"train.resume={bad_ckpt(tmp)}"], "not an mpitrain checkpoint"),
         "missing checkpoint": (ok + ["--set", f"train.resume={tmp}/none.h5"], "no such checkpoint"),
         "checkpoint step -5": (ok + ["--set", f"train.resume={crafted_ckpt(tmp, good_ckpt, 's', step=-5)}"],
