@@ -83,6 +83,7 @@ class TrainCfg:
     precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"),
                           help="autocast of forward and loss (bf16: CPU and CUDA; fp16: CUDA, with a loss scaler "
                                "agreed over ranks); weights and gradients stay fp32")
+    trace: bool = _opt(False, help="write RUN_DIR/trace.json: a Chrome/Perfetto timeline of every rank")
     on_nonfinite: str = _opt("stop", choices=("stop", "skip"),
                              help="a NaN/inf loss on any rank: stop (exit 4, nothing of that step applied) "
                                   "or skip that step's update on every rank")

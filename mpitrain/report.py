@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import trace
 from .errors import UserError
 
 METRICS = ("test_acc", "test_loss", "test_ppl", "test_mse")
@@ -26,7 +27,7 @@ NUMERIC = ("epoch", "step", "ranks", "samples_per_s", "wall_s", "comm_bytes_per_
 
 def columns(metric: str) -> list[str]:
     return ["run", "strategy", "ranks", "epochs", f"final_{metric}", f"best_{metric}", "time_to_target_s",
-            "samples_per_s", "comm_bytes_per_step", "wall_s"]
+            "samples_per_s", "comm_bytes_per_step", "wall_s", "comm_hidden"]
 
 
 def check_target(metric: str, target) -> str | None:
@@ -47,6 +48,7 @@ class RunSummary:
     rows: list[dict]
     target: float
     metric: str = "test_acc"
+    hidden: float | None = None  # share of the bucket reductions hidden behind backward (trace.json)
 
     def reached(self, value: float) -> bool:
         return value >= self.target if self.metric == "test_acc" else value <= self.target
@@ -63,7 +65,7 @@ class RunSummary:
                 "time_to_target_s": hit,
                 "samples_per_s": statistics.median(r["samples_per_s"] for r in self.rows),
                 "comm_bytes_per_step": statistics.mean(comm) if comm else None,
-                "wall_s": self.rows[-1]["wall_s"]}
+                "wall_s": self.rows[-1]["wall_s"], "comm_hidden": self.hidden}
 
 
 def load_run(run_dir: str | Path, target: float, metric: str = "test_acc") -> RunSummary:
@@ -99,13 +101,20 @@ def load_run(run_dir: str | Path, target: float, metric: str = "test_acc") -> Ru
         except tomllib.TOMLDecodeError:
             raise UserError(f"{cfile}: malformed TOML") from None
     ranks = rows[-1].get("ranks")
-    return RunSummary(name, strategy, ranks, rows, target, metric)
+    hidden = None
+    if (d / "trace.json").is_file():  # train.trace = true
+        try:
+            hidden = trace.hidden_fraction(json.loads((d / "trace.json").read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{d / 'trace.json'}: not a trace written by mpitrain") from None
+    return RunSummary(name, strategy, ranks, rows, target, metric, hidden)
 
 
 def _fmt(v, kind):
     if v is None:
         return "—"
-    fmt = {"acc": "{:.4f}".format, "s": "{:.1f}".format, "rate": "{:,.0f}".format, "bytes": _human}
+    fmt = {"acc": "{:.4f}".format, "s": "{:.1f}".format, "rate": "{:,.0f}".format, "bytes": _human,
+           "pct": "{:.0%}".format}
     return fmt.get(kind, str)(v)
 
 
@@ -131,10 +140,10 @@ def write_report(runs: list[RunSummary], out: str | Path, target: float, title: 
         w.writeheader()
         w.writerows(vals)
     kinds = {f"final_{metric}": "acc", f"best_{metric}": "acc", "time_to_target_s": "s", "samples_per_s": "rate",
-             "comm_bytes_per_step": "bytes", "wall_s": "s"}
+             "comm_bytes_per_step": "bytes", "wall_s": "s", "comm_hidden": "pct"}
     what, goal = metric.replace("_", " "), f"{target:.0%}" if metric == "test_acc" else f"{target:g}"
     heads = ["run", "strategy", "ranks", "epochs", f"final {what}", f"best {what}", f"time to {goal} (s)",
-             "samples/s", "comm bytes/step (per rank)", "wall (s)"]
+             "samples/s", "comm bytes/step (per rank)", "wall (s)", "comm hidden behind backward"]
     lines = [f"# {title}" if title else "# strategy comparison", "",
              "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for v in vals:
@@ -182,7 +191,9 @@ def report(run_dirs: list[str], out: str, target: float, title: str = "", metric
         raise UserError(f"--{why}")
     runs = [load_run(d, target, metric) for d in run_dirs]
     paths = write_report(runs, out, target, title, metric)
-    return "wrote " + ", ".join(str(p) for p in paths)
+    hidden = [f"{r.name}: {r.hidden:.0%} of the gradient reductions ran hidden behind backward"
+              for r in runs if r.hidden is not None]
+    return "\n".join(["wrote " + ", ".join(str(p) for p in paths), *hidden])
 
 
 # -- compare -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import files, state, sync
+from . import files, state, sync, trace
 from .config import Config
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler
@@ -149,10 +149,30 @@ def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
         # the job's limit from the first step on; until then the start-up one (imports, data
         # loading and resume can take longer than a step: MPITRAIN_WATCHDOG_S, default 600 s)
         dog.set_timeout(cfg.train.watchdog_s)
-        with dog.phase("training"):
+        tracer = trace.Tracer(workers.rank) if cfg.train.trace else None
+        if tracer is not None:
+            workers.barrier()  # the ranks' clocks start together
+            tracer.start()
+        with dog.phase("training"), trace.tracing(tracer):
             row = loop(job, pos, stop_flag(), dog)
+        if tracer is not None:
+            write_trace(job, tracer)
         resources.callback(dog.enter, "teardown")  # runs first: the release is watched too
         return row, job.model
+
+
+def write_trace(job: Job, tracer: trace.Tracer) -> None:
+    """Collective: rank 0 merges every rank's events into RUN_DIR/trace.json."""
+    gathered = job.world.gather(tracer.events)
+
+    def write():
+        path = job.run_dir / "trace.json"
+        try:
+            trace.write(path, trace.merge(gathered))
+        except OSError as e:
+            raise UserError(f"{path}: cannot write the trace: {e.strerror or e}") from None
+        job.log.info(f"timeline of {len(gathered)} ranks in {path} (open it in https://ui.perfetto.dev)")
+    job.world.on_root(write)
 
 
 def resume(job: Job) -> state.Position:
@@ -193,6 +213,7 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
     strategy, optimizer, schedule, sampler = job.strategy, job.optimizer, job.schedule, job.sampler
     state.consistency_check(job)
     announce(job)
+    tracer = trace.current()
     metrics = MetricsLog(job.run_dir / "metrics.jsonl" if world.is_root else None)
     t_start, step, here, row = time.perf_counter(), pos.step, pos, {}
     max_steps = cfg.train.max_steps or float("inf")
@@ -211,14 +232,17 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
             loss_value, n = forward_backward(job, group, count)
             inject_straggler(world, cfg.train, t_compute)
             with dog.waiting(step + 1):
-                signum, nonfinite = agree_flags(job, stop, loss_value, step)
+                with tracer.span("wait"):
+                    signum, nonfinite = agree_flags(job, stop, loss_value, step)
                 overflow = False
                 if not nonfinite:
-                    strategy.after_backward(step)
+                    with tracer.span("reduce"):
+                        strategy.after_backward(step)
                     # clips the reduced gradient's norm (the same on every rank); an fp16 overflow
                     # skips the step on every rank
-                    overflow = not job.precision.step(optimizer, cfg.optim.clip_norm)
-                    strategy.after_step(step)
+                    with tracer.span("optimizer"):
+                        overflow = not job.precision.step(optimizer, cfg.optim.clip_norm)
+                        strategy.after_step(step)
                 schedule.step()
             skipped += bool(nonfinite or overflow)
             loss_sum += 0.0 if nonfinite else loss_value
@@ -235,7 +259,7 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
                 checkpoint(job, here, signum)
         with dog.waiting(step):
             last = epoch == cfg.train.epochs - 1 or world.any(step >= max_steps)
-            with strategy.consolidated(), dog.phase("evaluation"):
+            with strategy.consolidated(), dog.phase("evaluation"), tracer.span("evaluation"):
                 evaluating = job.test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last)
                 if evaluating:
                     average_buffers(model, world)  # e.g. BatchNorm statistics: one model to evaluate
@@ -295,13 +319,16 @@ def forward_backward(job: Job, group: list, count: int) -> tuple[float, int]:
     weighted for the whole step's `count` samples. Returns (summed loss, local samples)."""
     weight = loss_weight(job.strategy, job.world, count)
     total, n = torch.zeros((), device=job.device), 0
+    tracer = trace.current()
     for i, batch in enumerate(group):
-        x, y = to_device(job.train_split.take(batch.indices), job.device)
+        with tracer.span("data"):
+            x, y = to_device(job.train_split.take(batch.indices), job.device)
         quiet = i < len(group) - 1 and isinstance(job.strategy, sync.NoSync)
         with job.strategy.no_sync() if quiet else contextlib.nullcontext():
-            with job.precision.autocast():
+            with job.precision.autocast(), tracer.span("forward"):
                 loss = job.loss(job.model(x), y)
-            job.precision.scale(loss * weight).backward()
+            with tracer.span("backward"):
+                job.precision.scale(loss * weight).backward()
         total, n = total + loss.detach().float(), n + len(y)
     return total.item(), n  # one device sync per step: the non-finite check needs the value
 
@@ -341,7 +368,7 @@ def agree_flags(job: Job, stop: StopFlag, loss: float, step: int) -> tuple[int, 
 
 def checkpoint(job: Job, here: state.Position, signum: int) -> None:
     """Collective: write a checkpoint; after an agreed stop signal, stop (exit 75)."""
-    with watchdog().phase("checkpoint"):
+    with watchdog().phase("checkpoint"), trace.current().span("checkpoint"):
         path = state.save(job, here)
     if signum:
         raise Stopped(signal.Signals(signum).name, here.step, path)

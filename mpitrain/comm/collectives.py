@@ -25,6 +25,7 @@ import time
 import torch
 from mpi4py import MPI
 
+from .. import trace
 from . import buffers
 
 
@@ -139,6 +140,7 @@ class GradBuckets:
         self._ready = [False] * len(self.buckets)
         self._next = 0  # next bucket index to launch
         self._events = [None] * len(self.buckets)
+        self._launched = [0] * len(self.buckets)  # trace: when each bucket was launched
         self._reqs: list[MPI.Request] = []
 
     def zero_(self):
@@ -169,6 +171,7 @@ class GradBuckets:
             self._next += 1
 
     def _launch(self, b: int):
+        self._launched[b] = trace.current().now()
         buffers.TRAFFIC.add(self.buffers[b].numel() * self.buffers[b].element_size())
         if self.overlap == "thread":
             self._work.put(b)
@@ -183,10 +186,17 @@ class GradBuckets:
                            count=False, via=self.hierarchy)
         if self.scale is not None:
             flat.mul_(self.scale)
+        self._traced(b)
         if self.is_cuda:  # the training thread's stream waits for this before using the gradients
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(flat.device))
             self._events[b] = done
+
+    def _traced(self, b: int) -> None:
+        """Trace bucket b's reduction, from its launch to now."""
+        t = trace.current()
+        t.add("bucket", self._launched[b], t.now(), "comm" if self.overlap == "thread" else "main",
+              bucket=b, bytes=self.buffers[b].numel() * self.buffers[b].element_size())
 
     def _comm_loop(self):
         if self.is_cuda:  # Open MPI wants the device selected before CUDA-using calls (ompi#627)
@@ -224,6 +234,7 @@ class GradBuckets:
                     self.stagers[b].to_device(flat)
                 if self.scale is not None:
                     flat.mul_(self.scale)
+                self._traced(b)
         else:
             for b in range(len(self.buckets)):
                 self._reduce_blocking(b)

@@ -1,0 +1,114 @@
+"""A timeline of the run (train.trace = true): Chrome trace events (the Trace Event
+Format that Perfetto and chrome://tracing open), one track per rank and one per rank's
+communication thread. Spans: data, forward, backward, reduce (the strategy after
+backward), optimizer, wait (the per-step agreement), evaluation, checkpoint, and each
+gradient bucket's reduction from launch to completion. Rank 0 merges every rank's events
+into RUN_DIR/trace.json. No MPI here; off, every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+
+_CURRENT: "Tracer | None" = None
+
+
+class Tracer:
+    """This rank's events. Times are microseconds since `start()`, which every rank calls
+    right after a barrier, so the ranks' tracks line up (to the barrier's skew)."""
+
+    def __init__(self, rank: int):
+        self.rank, self.events, self._t0 = rank, [], time.perf_counter_ns()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter_ns()
+
+    def now(self) -> int:
+        return time.perf_counter_ns()
+
+    def add(self, name: str, begin_ns: int, end_ns: int, track: str = "main", **args) -> None:
+        ev = {"name": name, "ph": "X", "pid": self.rank, "tid": track, "ts": (begin_ns - self._t0) / 1e3,
+              "dur": (end_ns - begin_ns) / 1e3}
+        if args:
+            ev["args"] = args
+        with self._lock:  # the comm thread adds too
+            self.events.append(ev)
+
+    @contextlib.contextmanager
+    def span(self, name: str, track: str = "main", **args):
+        begin = time.perf_counter_ns()
+        try:
+            yield
+        finally:
+            self.add(name, begin, time.perf_counter_ns(), track, **args)
+
+
+class _Off:
+    """The tracer when tracing is off: spans cost one call."""
+
+    def add(self, *args, **kwargs) -> None:
+        pass
+
+    def now(self) -> int:
+        return 0
+
+    def span(self, *args, **kwargs):
+        return contextlib.nullcontext()
+
+
+OFF = _Off()
+
+
+def current():
+    """The run's tracer, or OFF."""
+    return _CURRENT or OFF
+
+
+@contextlib.contextmanager
+def tracing(tracer: Tracer | None):
+    """Within the block, `current()` is `tracer` (None: off)."""
+    global _CURRENT
+    previous, _CURRENT = _CURRENT, tracer
+    try:
+        yield
+    finally:
+        _CURRENT = previous
+
+
+def merge(gathered: list[list[dict]]) -> dict:
+    """Every rank's events as one trace, with track names."""
+    events = []
+    for rank, evs in enumerate(gathered):
+        events.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
+        for tid in sorted({e["tid"] for e in evs}):
+            events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid,
+                           "args": {"name": "communication thread" if tid == "comm" else "training"}})
+        events.extend(evs)
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def hidden_fraction(trace: dict) -> float | None:
+    """The share of bucket-reduction time that ran while the same rank was in backward
+    (communication hidden behind computation), over all ranks; None without reductions."""
+    total = hidden = 0.0
+    by_rank: dict = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X":
+            by_rank.setdefault(e["pid"], []).append(e)
+    for evs in by_rank.values():
+        backward = [(e["ts"], e["ts"] + e["dur"]) for e in evs if e["name"] == "backward"]
+        for e in evs:
+            if e["name"] == "bucket":
+                a, b = e["ts"], e["ts"] + e["dur"]
+                total += b - a
+                hidden += sum(max(0.0, min(b, d) - max(a, c)) for c, d in backward)
+    return hidden / total if total else None
+
+
+def write(path, trace: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(trace, f)

@@ -1,0 +1,45 @@
+"""train.trace: a merged Chrome/Perfetto timeline, and the share of communication hidden
+behind backward that `mpitrain report` prints."""
+
+import json
+
+import pytest
+
+from mpitrain import report, trace
+from mpitrain.train import train
+
+pytestmark = pytest.mark.mpi
+
+
+def test_hidden_fraction_is_the_overlap_with_backward():
+    ev = [{"ph": "X", "pid": 0, "name": "backward", "ts": 0, "dur": 10},
+          {"ph": "X", "pid": 0, "name": "bucket", "ts": 5, "dur": 10},  # 5 of 10 inside backward
+          {"ph": "X", "pid": 1, "name": "backward", "ts": 0, "dur": 10},
+          {"ph": "X", "pid": 1, "name": "bucket", "ts": 20, "dur": 10}]  # none: after backward
+    assert trace.hidden_fraction({"traceEvents": ev}) == 0.25
+    assert trace.hidden_fraction({"traceEvents": ev[:1]}) is None
+
+
+def test_trace_of_every_rank_merged_by_rank_0(world, shared_tmp, digits_h5, make_cfg):
+    cfg = make_cfg(shared_tmp / "run", digits_h5, train={"batch_size": 16, "epochs": 1, "max_steps": 7,
+                                                        "trace": True},
+                   sync={"strategy": "allreduce", "allreduce": {"overlap": "thread", "bucket_mb": 0.01,
+                                                               "first_bucket_mb": 0.005}})
+    train(cfg, world, world.logger())
+    world.barrier()
+    t = json.loads((shared_tmp / "run" / "trace.json").read_text())
+    spans = [e for e in t["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == set(range(world.size))
+    for rank in range(world.size):
+        mine = [e for e in spans if e["pid"] == rank]
+        for name in ("data", "forward", "backward", "wait", "reduce", "optimizer"):
+            assert sum(e["name"] == name for e in mine) == 7, (rank, name)
+        buckets = [e for e in mine if e["name"] == "bucket"]
+        assert buckets and all(e["tid"] == "comm" and e["dur"] >= 0 for e in buckets)
+        assert len(buckets) % 7 == 0 and len(buckets) // 7 >= 2  # several buckets per step
+        assert sum(e["name"] == "evaluation" for e in mine) == 1
+    names = {e["args"]["name"] for e in t["traceEvents"] if e["ph"] == "M"}
+    assert {"rank 0", "training", "communication thread"} <= names
+    if world.is_root:
+        msg = report.report([str(shared_tmp / "run")], str(shared_tmp / "out"), 0.5)
+        assert "of the gradient reductions ran hidden behind backward" in msg
