@@ -113,6 +113,8 @@ class OutputCfg:
     name: str = _opt("", help="run name (default: the job file's stem)")
     checkpoint_every: int = _opt(500, min=0, help="steps between checkpoints (0 = only at the end / on stop)")
     keep: int = _opt(2, gt=0, max=10**4, help="newest checkpoints to keep")
+    tensorboard: bool = _opt(False, help="also write the metrics rows as TensorBoard event files in "
+                                         "RUN_DIR/tensorboard")
 
 
 @dataclass(frozen=True)

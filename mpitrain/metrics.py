@@ -1,4 +1,4 @@
-"""Per-epoch metrics as JSON lines (rank 0 writes)."""
+"""Per-epoch metrics as JSON lines, and optionally TensorBoard event files (rank 0 writes)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,22 @@ class MetricsLog:
     """Appends one JSON line per epoch. A failed write (full disk, read-only file) leaves
     no torn line behind and becomes one UserError naming the file."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tensorboard: Path | None = None):
         self.path = path
         self.rows: list[dict] = []
+        self.board = None
+        if tensorboard is not None:  # output.tensorboard: the same rows as scalars, by step
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(tensorboard))
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
+        if self.board is not None:
+            for k, v in row.items():
+                if k not in ("epoch", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.board.add_scalar(k, v, global_step=row["step"])
+            self.board.flush()
         if self.path is None:
             return
         line = memoryview((json.dumps(row) + "\n").encode())
@@ -57,3 +67,12 @@ def trim(path: Path, step: int, epochs: int | None = None) -> int:
             keep.append(ln)
     files.replace_text(path, "".join(ln + "\n" for ln in keep))
     return torn
+
+
+def check_tensorboard() -> None:
+    """output.tensorboard needs the tensorboard package: one line if it is missing."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError("output.tensorboard = true needs the tensorboard package "
+                        "(pip install 'mpitrain[tensorboard]'; scripts/setup.sh installs it)") from None

@@ -22,7 +22,7 @@ from .errors import UserError
 from .comm import heartbeat
 from .faults import (Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag,
                      watchdog)
-from .metrics import MetricsLog, trim as trim_metrics
+from .metrics import MetricsLog, check_tensorboard, trim as trim_metrics
 from .models import build_model, build_optimizer, build_schedule, model_id
 from .precision import Precision
 from .sync.helpers import average_buffers
@@ -103,6 +103,8 @@ def build(cfg: Config, world, log, resources) -> Job:
     threads = configure_threads(cfg.train.threads, world)
     device = world.select_device(cfg.train.device)  # collective: one kind of device, one CUDA path
     run_dir = prepare_run_dir(cfg, world)
+    if cfg.output.tensorboard:
+        world.agree(check_tensorboard)
     train_split, test_split, meta = hdf5.load(cfg.data, world)
     torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
     model = world.agree(build_model, cfg.model, meta, cfg.job_dir).to(device)
@@ -214,7 +216,8 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
     state.consistency_check(job)
     announce(job)
     tracer = trace.current()
-    metrics = MetricsLog(job.run_dir / "metrics.jsonl" if world.is_root else None)
+    metrics = MetricsLog(job.run_dir / "metrics.jsonl" if world.is_root else None,
+                         job.run_dir / "tensorboard" if world.is_root and cfg.output.tensorboard else None)
     t_start, step, here, row = time.perf_counter(), pos.step, pos, {}
     max_steps = cfg.train.max_steps or float("inf")
     every = cfg.output.checkpoint_every or float("inf")

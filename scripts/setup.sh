@@ -90,8 +90,8 @@ else
     # index for the small CPU build (a local +cpu wheel in pip's find-links is preferred anyway)
     "${PIP[@]}" ${MPITRAIN_TORCH_INDEX:+--extra-index-url "$MPITRAIN_TORCH_INDEX"} "$TORCH_SPEC"
   fi
-  say "installing mpitrain (editable) with test and data extras"
-  "${PIP[@]}" --no-build-isolation -e ".[test,data]"
+  say "installing mpitrain (editable) with test, data and tensorboard extras"
+  "${PIP[@]}" --no-build-isolation -e ".[test,data,tensorboard]"
   echo "$want" > "$stamp"
 fi
 

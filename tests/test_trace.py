@@ -43,3 +43,20 @@ def test_trace_of_every_rank_merged_by_rank_0(world, shared_tmp, digits_h5, make
     if world.is_root:
         msg = report.report([str(shared_tmp / "run")], str(shared_tmp / "out"), 0.5)
         assert "of the gradient reductions ran hidden behind backward" in msg
+
+
+def test_tensorboard_event_files(world, shared_tmp, digits_h5, make_cfg):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(shared_tmp / "tb", digits_h5, train={"batch_size": 32, "epochs": 2},
+                   output={"tensorboard": True})
+    train(cfg, world, world.logger())
+    world.barrier()
+    if world.is_root:
+        rows = [json.loads(ln) for ln in (shared_tmp / "tb" / "metrics.jsonl").read_text().splitlines()]
+        acc = EventAccumulator(str(shared_tmp / "tb" / "tensorboard"))
+        acc.Reload()
+        assert {"train_loss", "test_acc", "samples_per_s", "comm_bytes_per_step"} <= set(acc.Tags()["scalars"])
+        got = [(e.step, e.value) for e in acc.Scalars("test_acc")]
+        assert got == [(r["step"], pytest.approx(r["test_acc"])) for r in rows]
