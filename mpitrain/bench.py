@@ -287,3 +287,10 @@ def e2e(args, world, log) -> None:
     from . import bench_e2e
 
     bench_e2e.run(args, world, log)
+
+
+def model(args, world, log) -> None:
+    """Collective: the fitted cost model's predictions against measured step times."""
+    from . import bench_model
+
+    bench_model.run(args, world, log)

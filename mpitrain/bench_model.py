@@ -1,0 +1,124 @@
+"""`mpitrain bench model`: fit the cost model (mpitrain/costmodel.py) on this machine and
+transport, predict the step time of a job under each strategy and compressor, and measure
+them in the same run.
+
+Collective. (1) alpha and beta of the current transport from timed allreduces of several
+sizes (the slowest rank's, median of rounds); (2) the job's compute time per step on this
+rank with no communication; (3) for each variant, the predicted step time (compute +
+communication) next to the measured one (the job's own step, `train.build` with the
+variant's overrides); (4) predictions for large models and world sizes from the fitted
+latency and a given network bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from . import config, costmodel, train
+from .bench import _header, _parse_size
+from .bench_e2e import _groups, _mpitrain_step, _single_step, _time_rounds, _Variant
+from .faults import collective_cleanup
+
+VARIANTS = {  # name: (overrides, cost-model strategy, options)
+    "allreduce": (["sync.strategy=allreduce"], "allreduce", {}),
+    "allreduce fp16": (["sync.strategy=allreduce", "sync.allreduce.compress=fp16"], "fp16", {}),
+    "allreduce topk 1%": (["sync.strategy=allreduce", "sync.allreduce.compress=topk",
+                           "sync.allreduce.topk_ratio=0.01"], "topk", {"ratio": 0.01}),
+    "allreduce powersgd r2": (["sync.strategy=allreduce", "sync.allreduce.compress=powersgd",
+                               "sync.allreduce.powersgd_rank=2", "sync.allreduce.powersgd_min_numel=0"],
+                              "powersgd", {"rank": 2}),
+    "allreduce sign": (["sync.strategy=allreduce", "sync.allreduce.compress=sign"], "sign", {}),
+    "local_sgd H=4": (["sync.strategy=local_sgd", "sync.local_sgd.period=4"], "local_sgd", {"period": 4}),
+}
+
+
+def run(args, world, log) -> None:
+    cfg0 = world.agree(config.load, args.job, args.overrides)
+    threads = train.configure_threads(0, world)
+    _header(world, "model", threads)
+    sizes = [_parse_size(s) for s in args.sizes.split(",")]
+    fit_times = [_time_allreduce(world, b, args.iters) for b in sizes]
+    latency = _time_allreduce(world, 8, args.iters * 10)
+    transport = (costmodel.Transport.fit(sizes, fit_times, world.size, latency) if world.size > 1
+                 else costmodel.Transport(0, 0))
+    if world.is_root:
+        print(f"# transport fit on {world.size} ranks: alpha {transport.alpha * 1e6:.1f} us, beta "
+              f"{transport.beta * 1e9:.3f} ns/byte ({1 / transport.beta / 1e9 if transport.beta else float('inf'):.2f}"
+              f" GB/s); fitted vs measured allreduce: " + ", ".join(
+                  f"{b // 1024} KiB {transport.allreduce(b, world.size) * 1e3:.2f}/{t * 1e3:.2f} ms"
+                  for b, t in zip(sizes, fit_times)))
+    names = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
+    with collective_cleanup() as resources:
+        extra = [f"output.dir=/tmp/mpitrain-bench-model-{world.bcast(time.time_ns())}", "train.progress=false",
+                 "train.resume=never", "output.checkpoint_every=0"]
+        jobs = {name: world.agree(train.build, world.agree(config.load, args.job,
+                                                           [*args.overrides, *extra, *VARIANTS[name][0]]),
+                                  world, log, resources) for name in names}
+        base = next(iter(jobs.values()))
+        local = copy.deepcopy(base.model)
+        opt = torch.optim.SGD(local.parameters(), lr=1e-9)
+        variants = [_Variant("compute", "compute only", "fp32", local,
+                             _single_step(local, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), base,
+                                          base.train_split, None), _indices(_groups(base.sampler, 1)), base.device)]
+        for name, job in jobs.items():
+            job.strategy.setup(job.model, job.optimizer, resources)
+            variants.append(_Variant("mpitrain", name, "fp32", job.model, _mpitrain_step(job),
+                                     _groups(job.sampler, job.cfg.train.accumulate), job.device))
+        rounds = _time_rounds(variants, argparse.Namespace(steps=args.steps, warmup=2, repeats=args.repeats),
+                              world, set())
+        ms = {v.label: statistics.median(x[0] for x in rounds[id(v)]) for v in variants}
+    model = costmodel.Model(sum(p.numel() for p in base.model.parameters()), costmodel.matrices_of(base.model))
+    if world.is_root:
+        compute = ms["compute only"] / 1e3
+        print(f"# job {args.job}: {model.params:,} params, batch {cfg0.train.batch_size}/rank; compute only "
+              f"{compute * 1e3:.2f} ms/step")
+        print("| variant | predicted ms/step | measured ms/step | predicted / measured |")
+        print("|---|---|---|---|")
+        for name in names:
+            _, strategy, kw = VARIANTS[name]
+            pred = costmodel.step_seconds(strategy, model, transport, world.size, compute, **kw) * 1e3
+            print(f"| {name} | {pred:.2f} | {ms[name]:.2f} | {pred / ms[name]:.2f} |")
+        _extrapolate(args, transport, compute, model)
+
+
+def _indices(groups):
+    """Groups of sampler batches as groups of index arrays (what _single_step takes)."""
+    for g in groups:
+        yield [b.indices for b in g]
+
+
+def _time_allreduce(world, nbytes: int, iters: int) -> float:
+    """Collective: seconds per allreduce of nbytes, the slowest rank's, median of 3 rounds."""
+    buf = torch.ones(max(1, nbytes // 4))
+    world.allreduce_(buf)
+    times = []
+    for _ in range(3):
+        world.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            world.allreduce_(buf)
+        times.append(world.max((time.perf_counter() - t0) / iters))
+    return statistics.median(times)
+
+
+def _extrapolate(args, transport, compute, model) -> None:
+    """Rank 0: a 100 M-parameter model (compute scaled by parameters from this job's)
+    at larger world sizes and network bandwidths, latency as fitted."""
+    big = costmodel.Model(args.big_params, tuple((4096, args.big_params // 4096 // 6) for _ in range(6)))
+    big_compute = compute * big.params / model.params
+    print(f"# predicted for a {big.params / 1e6:.0f} M-parameter model (compute {big_compute * 1e3:.0f} ms/step, "
+          f"scaled by parameters from this job), alpha {max(transport.alpha, 5e-6) * 1e6:.1f} us:")
+    print("| ranks | Gbit/s | allreduce ms/step | fp16 | powersgd r2 | local_sgd H=4 |")
+    print("|---|---|---|---|---|---|")
+    for n in (64, 512):
+        for gbit in (25, 100):
+            t = costmodel.Transport(max(transport.alpha, 5e-6), 8 / (gbit * 1e9))
+            row = [costmodel.step_seconds(s, big, t, n, big_compute, **kw) * 1e3
+                   for s, kw in (("allreduce", {}), ("fp16", {}), ("powersgd", {"rank": 2}),
+                                 ("local_sgd", {"period": 4}))]
+            print(f"| {n} | {gbit} | " + " | ".join(f"{v:.0f}" for v in row) + " |")
