@@ -154,7 +154,11 @@ class Watchdog:
         """Collective: publish this rank's heartbeat to the others of `world`."""
         global _DOG
         self.world = world
-        self.heart = Heartbeat(world)
+        self.heart = Heartbeat.create(world)
+        if self.heart is None and world.is_root:
+            print("mpitrain: warning: one-sided MPI does not work between these ranks' nodes: the watchdog "
+                  "sees only its own rank's progress (a rank waiting longer than train.watchdog_s on a slow "
+                  "one ends the job)", file=sys.stderr, flush=True)
         _DOG = self
 
     def set_timeout(self, timeout: float) -> None:
@@ -202,9 +206,12 @@ class Watchdog:
             if self.timeout <= 0 or idle < self.timeout:
                 seen = None
                 continue
-            if self.heart is None:  # still creating the window: some rank never arrived
+            if self.world is None:  # still creating the window: some rank never arrived
                 self._abort(f"no progress for {idle:.0f} s during start-up: not every rank reached it "
                             "(a rank stopped, dead or stuck before the first collective)")
+            if self.heart is None:  # no window between the nodes: only this rank is visible
+                self._abort(f"no progress on this rank for {idle:.0f} s (other ranks are not visible: "
+                            "one-sided MPI does not work between the nodes)")
             slots = self.heart.read_all()
             if seen is None or (slots[:, PROGRESS] != seen[:, PROGRESS]).any():
                 if seen is not None:

@@ -14,6 +14,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from ..errors import AgreedError
+from . import rma
+
 STEP, STATE, PROGRESS, ALIVE = range(4)
 _progress = {"count": 0, "when": time.monotonic()}
 _current: "Heartbeat | None" = None
@@ -35,10 +38,20 @@ def last_progress() -> float:
 class Heartbeat:
     """Collective to create and to `free`: this rank's slots, and a read of every rank's."""
 
-    def __init__(self, world):
+    @classmethod
+    def create(cls, world) -> "Heartbeat | None":
+        """Collective: the heartbeat, or None on every rank where one-sided MPI does not
+        work between the ranks (the watchdog then sees only its own rank)."""
+        comm = world.comm.Dup()
+        try:
+            return cls(comm)
+        except AgreedError:
+            return None
+
+    def __init__(self, comm):
         global _current
-        self.comm = world.comm.Dup()
-        self.win = MPI.Win.Allocate(8 * 4, 8, comm=self.comm)
+        self.comm = comm
+        self.win = rma.allocate(self.comm, 8 * 4, 8)
         self._mine = np.frombuffer(self.win.tomemory(), dtype=np.int64, count=4)
         self._mine[:] = 0
         self._mine[PROGRESS] = _progress["count"]

@@ -35,6 +35,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from ..errors import AgreedError
+
 from .buffers import TRAFFIC
 from .world import shard_bounds
 
@@ -72,8 +74,33 @@ def wait_until(pred, timeout: float | None = None, what: str = "condition"):
         delay = min(delay * 2, 2e-3)
 
 
+NO_RMA = ("one-sided MPI (RMA windows) does not work across these ranks' nodes ({error}); with Open MPI "
+          "4.x over TCP osc/rdma needs an RDMA network and osc/pt2pt refuses MPI_THREAD_MULTIPLE: use "
+          "sync.strategy = allreduce or a local strategy, or an MPI whose one-sided component works here "
+          "(e.g. OMPI_MCA_osc=ucx where UCX has a transport)")
+
+
+def _win_allocate(nbytes: int, disp_unit: int, comm):
+    return MPI.Win.Allocate(nbytes, disp_unit, comm=comm)
+
+
+def allocate(comm, nbytes: int, disp_unit: int):
+    """Collective: an RMA window of nbytes on every rank, or one AgreedError on every rank
+    naming the cause when any rank could not make it (e.g. no working osc component
+    between nodes). A window made on some ranks only is left alone: freeing it would be a
+    collective the others never join."""
+    try:
+        win, err = _win_allocate(nbytes, disp_unit, comm), None
+    except MPI.Exception as e:
+        win, err = None, e.Get_error_string()
+    errors = [x for x in comm.allgather(err) if x]
+    if errors:
+        raise AgreedError(NO_RMA.format(error=errors[0].strip()))
+    return win
+
+
 def _alloc(comm, count: int, itemsize: int):
-    win = MPI.Win.Allocate(count * itemsize, itemsize, comm=comm)
+    win = allocate(comm, count * itemsize, itemsize)
     dtype = np.float32 if itemsize == 4 else np.int64
     local = np.frombuffer(win.tomemory(), dtype=dtype, count=count) if count else np.empty(0, dtype)
     local[:] = 0
