@@ -302,9 +302,15 @@ CONF
 }
 
 slurmd_up() {  # slurmd of node i: its network namespace, its own hostname and /tmp
-  local i=$1
+  local i=$1 keep="" top
+  # a repository checked out under /tmp (e.g. a CI clone) must stay visible in the node: its
+  # parent folder (the repository and ../shared) is bound into the node's new /tmp first
+  top=$(dirname "$PWD")
+  case "$top/" in
+    /tmp/*) keep="mkdir -p '$DIR/tmp-vn$i$top' && mount --bind '$top' '$DIR/tmp-vn$i$top' && " ;;
+  esac
   nsenter --net="/var/run/netns/vn$i" unshare --uts --mount --propagation private \
-    sh -c "mount --bind '$DIR/tmp-vn$i' /tmp && hostname vn$i && exec slurmd -f '$CONF' -N vn$i"
+    sh -c "$keep mount --rbind '$DIR/tmp-vn$i' /tmp && hostname vn$i && exec slurmd -f '$CONF' -N vn$i"
 }
 
 show_logs() {
