@@ -307,7 +307,7 @@ slurmd_up() {  # slurmd of node i: its network namespace, its own hostname and /
   # parent folder (the repository and ../shared) is bound into the node's new /tmp first
   top=$(dirname "$PWD")
   case "$top/" in
-    /tmp/*) keep="mkdir -p '$DIR/tmp-vn$i$top' && mount --bind '$top' '$DIR/tmp-vn$i$top' && " ;;
+    /tmp/*) keep="mkdir -p '$DIR/tmp-vn$i${top#/tmp}' && mount --bind '$top' '$DIR/tmp-vn$i${top#/tmp}' && " ;;
   esac
   nsenter --net="/var/run/netns/vn$i" unshare --uts --mount --propagation private \
     sh -c "$keep mount --rbind '$DIR/tmp-vn$i' /tmp && hostname vn$i && exec slurmd -f '$CONF' -N vn$i"
