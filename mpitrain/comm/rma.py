@@ -84,19 +84,24 @@ def _win_allocate(nbytes: int, disp_unit: int, comm):
     return MPI.Win.Allocate(nbytes, disp_unit, comm=comm)
 
 
-def allocate(comm, nbytes: int, disp_unit: int):
-    """Collective: an RMA window of nbytes on every rank, or one AgreedError on every rank
-    naming the cause when any rank could not make it (e.g. no working osc component
+def agreed_window(comm, make):
+    """Collective: make() (a window, or an object built on one), or one AgreedError on every
+    rank naming the cause when any rank could not make it (e.g. no working osc component
     between nodes). A window made on some ranks only is left alone: freeing it would be a
     collective the others never join."""
     try:
-        win, err = _win_allocate(nbytes, disp_unit, comm), None
+        obj, err = make(), None
     except MPI.Exception as e:
-        win, err = None, e.Get_error_string()
+        obj, err = None, e.Get_error_string()
     errors = [x for x in comm.allgather(err) if x]
     if errors:
         raise AgreedError(NO_RMA.format(error=errors[0].strip()))
-    return win
+    return obj
+
+
+def allocate(comm, nbytes: int, disp_unit: int):
+    """Collective: an RMA window of nbytes on every rank (see agreed_window)."""
+    return agreed_window(comm, lambda: _win_allocate(nbytes, disp_unit, comm))
 
 
 def _alloc(comm, count: int, itemsize: int):

@@ -181,16 +181,9 @@ class World:
         `free()` is collective). mpi4py's Counter uses Fetch_and_op only."""
         from mpi4py.util.sync import Counter
 
-        from .rma import NO_RMA
+        from .rma import agreed_window
 
-        try:
-            counter, err = Counter(start, typecode="q", comm=self.comm, root=0), None
-        except MPI.Exception as e:
-            counter, err = None, e.Get_error_string()
-        errors = [x for x in self.allgather(err) if x]
-        if errors:
-            raise AgreedError(NO_RMA.format(error=errors[0].strip()))
-        return counter
+        return agreed_window(self.comm, lambda: Counter(start, typecode="q", comm=self.comm, root=0))
 
     def abort(self, code: int) -> None:
         """End the whole job now (every rank of every world) with exit code `code`."""
