@@ -213,7 +213,7 @@ def bad_cases(tmp, digits, np_, good_ckpt):
         "comm section": (ok + ["--set", "comm.cuda_path=staged"], "cuda_path is now sync.allreduce.cuda_path"),
         "dynamic with allreduce": (ok + ["--set", "data.assign=dynamic"], "data.assign = 'dynamic' needs"),
         "seq_len too large": (ok + ["--set", f"data.path={token_data(tmp, 'tok', np.arange(200) % 60)}", "--set",
-                                    "model.name=gpt", "--set", "data.seq_len=150"], "use a smaller data.seq_len"),
+                                    "model.name=gpt", "--set", "data.seq_len=250"], "use a smaller data.seq_len"),
         "token id >= vocab_size": (ok + ["--set", f"data.path={token_data(tmp, 'big', np.arange(200) % 60, 50)}",
                                          "--set", "model.name=gpt", "--set", "data.seq_len=8"],
                                    "token ids must lie in [0, vocab_size = 50), found [0, 59]"),
