@@ -13,14 +13,12 @@ import pytest
 from mpitrain.data import text
 from mpitrain.errors import UserError
 
-SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared/data/tinyshakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "data/shakespeare/tinyshakespeare.txt"  # bundled
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 @pytest.fixture(scope="module")
 def shakespeare() -> bytes:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} absent (Karpathy's tinyshakespeare input.txt, 1,115,394 bytes)")
     data = SHAKESPEARE.read_bytes()
     assert len(data) == 1_115_394 and hashlib.sha256(data).hexdigest() == SHAKESPEARE_SHA256
     return data
