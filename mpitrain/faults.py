@@ -213,7 +213,9 @@ class Watchdog:
                 self._abort(f"no progress on this rank for {idle:.0f} s (other ranks are not visible: "
                             "one-sided MPI does not work between the nodes)")
             slots = self.heart.read_all()
-            if seen is None or (slots[:, PROGRESS] != seen[:, PROGRESS]).any():
+            others = slots[:, PROGRESS] != (seen[:, PROGRESS] if seen is not None else slots[:, PROGRESS])
+            others[self.world.rank] = False  # this rank's own ticks (including the one below) do not count
+            if seen is None or others.any():
                 if seen is not None:
                     heartbeat.tick()  # another rank is progressing: we are only waiting on it
                 seen = slots
