@@ -5,11 +5,13 @@ Layout (`h5ls -r` shows it):
                      samples_in_epoch, world_size, strategy, model, config (TOML), created
     /model/<name>    parameters and buffers (state_dict names)
     /optimizer/state/<param index>/<key>, attrs param_groups (JSON)
-    /strategy/<key>  strategy state (BMUF/EASGD center, parameter-store optimizer state)
+    /strategy/<key>  strategy state (BMUF/EASGD center, parameter-store optimizer state,
+                     PowerSGD's Q)
     /rng/torch_cpu   (ranks, n) uint8: every rank's torch CPU generator state
     /rng/torch_cuda  (ranks, m) uint8: every rank's CUDA generator state (GPU jobs only)
     /ranks/<r>/<key> (strategies whose replicas differ) every rank's own state before the
-                     checkpoint consolidated it: param.<name>, optim.<index>.<key>, strategy.<key>
+                     checkpoint consolidated it: param.<name>, optim.<index>.<key>, strategy.<key>;
+                     and/or rank.<key>: per-rank strategy state (compression residuals)
 Every dataset carries a `crc32` attribute over its bytes, and the file ends with a trailer
 `\nmpitrain-sha256 <64 hex>\n` over all the bytes before it (HDF5 ignores bytes past its
 end of file), so attributes and metadata are covered too: a file is verified with plain

@@ -16,6 +16,7 @@ from . import __version__, checkpoint, sync
 from .errors import AgreedError, UserError
 from .faults import Diverged
 from .models import BUILTIN, model_id
+from .sync.base import RankStateful
 from .sync.helpers import average_buffers
 
 
@@ -51,9 +52,12 @@ def save(job, pos: Position) -> str:
     average_buffers(job.model, world)  # e.g. BatchNorm statistics: the same on every rank
     # where the replicas differ (local steps), every rank's own state is saved as it was
     # before consolidation and put back afterwards: a checkpoint never changes training
-    own = None if strategy.sums_gradients else _own_state(job)
+    replica = None if strategy.sums_gradients else _own_state(job)
+    # per-rank strategy state (e.g. compression residuals; the same keys on every rank)
+    mine, shared = strategy.rank_state_dict() if isinstance(strategy, RankStateful) else ({}, {})
+    own = replica if not mine else (replica or {}) | {f"rank.{k}": v for k, v in mine.items()}
     with strategy.consolidated():  # the model every rank agrees on
-        sstate = strategy.state_dict() if isinstance(strategy, sync.Stateful) else {}
+        sstate = (strategy.state_dict() if isinstance(strategy, sync.Stateful) else {}) | shared
         rng = world.gather(torch.get_rng_state().numpy())
         cuda_rng = world.gather(torch.cuda.get_rng_state(job.device).numpy()) if job.device.type == "cuda" else None
         every_own = world.gather(own) if own is not None else None
@@ -79,8 +83,8 @@ def save(job, pos: Position) -> str:
                 err = (f"checkpoint at step {pos.step} failed: {e.strerror or e}; "
                        + (f"previous checkpoint {prev[0].name} intact" if prev else "no earlier checkpoint"))
         world.raise_any(world.bcast(err))
-    if own is not None:
-        _load_own_state(job, own)
+    if replica is not None:
+        _load_own_state(job, replica)
     return str(path)
 
 
@@ -104,6 +108,28 @@ def _load_own_state(job, own: dict[str, np.ndarray]) -> None:
         job.strategy.load_state_dict({k[9:]: v for k, v in own.items() if k.startswith("strategy.")})
 
 
+def _replicas(snap: checkpoint.Snapshot) -> list[dict[str, np.ndarray]]:
+    """Every rank's own parameters, optimizer and strategy state where the checkpoint holds
+    them (strategies whose replicas differ), else []."""
+    ranks = snap.rank_state
+    return ranks if ranks and any(k.startswith("param.") for k in ranks[0]) else []
+
+
+def _rank_arrays(job, snap: checkpoint.Snapshot) -> dict[str, np.ndarray] | None:
+    """This rank's per-rank strategy state in the checkpoint ({} if it holds none); None if
+    it was written at another world size: such state cannot be mapped to the new ranks and
+    is dropped, with one warning."""
+    every = [{k[5:]: v for k, v in r.items() if k.startswith("rank.")} for r in snap.rank_state]
+    if not any(every):
+        return {}
+    if len(every) == job.world.size:
+        return every[job.world.rank]
+    if job.world.is_root:
+        job.log.warning(f"checkpoint written at {len(every)} ranks, resuming at {job.world.size}: its per-rank "
+                        f"strategy state ({', '.join(sorted(every[0]))}) cannot be mapped and is dropped")
+    return None
+
+
 def _own_optimizer_state(own: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     state: dict[str, dict[str, np.ndarray]] = {}
     for k, v in own.items():
@@ -116,11 +142,15 @@ def _own_optimizer_state(own: dict[str, np.ndarray]) -> dict[str, dict[str, np.n
 def restore_strategy(job, snap: checkpoint.Snapshot) -> None:
     """Collective, after the strategy's setup (which makes the replicas equal): this rank's
     own parameters and strategy state where the checkpoint has them for this world size
-    (exact resume), else the consolidated strategy state."""
-    if len(snap.rank_state) == job.world.size:
-        _load_own_state(job, snap.rank_state[job.world.rank])
+    (exact resume), else the consolidated strategy state; then per-rank strategy state
+    (RankStateful), which only a checkpoint of this world size can supply."""
+    replicas = _replicas(snap)
+    if len(replicas) == job.world.size:
+        _load_own_state(job, replicas[job.world.rank])
     elif isinstance(job.strategy, sync.Stateful):
         job.strategy.load_state_dict(snap.strategy_state)
+    if isinstance(job.strategy, RankStateful):
+        job.strategy.load_rank_state_dict(_rank_arrays(job, snap), snap.strategy_state)
 
 
 def _check_position(job, snap: checkpoint.Snapshot) -> None:
@@ -213,7 +243,8 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
     if mine not in (snap.model_name, BUILTIN.get(snap.model_name, ("",))[0]):
         raise UserError(f"checkpoint from another model: it was trained with {snap.model_name!r}, this job "
                         f"builds {mine!r} (model.factory / model.name)")
-    own = snap.rank_state[job.world.rank] if len(snap.rank_state) == job.world.size else None
+    replicas = _replicas(snap)
+    own = replicas[job.world.rank] if len(replicas) == job.world.size else None
     model = {k[6:]: v for k, v in own.items() if k.startswith("param.")} if own else snap.model
     model_sd = job.model.state_dict()
     if set(model) != set(model_sd) or any(tuple(np.shape(model[k])) != tuple(v.shape)
@@ -234,8 +265,8 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         job.schedule.step()
-    if snap.rank_state and own is None and job.world.is_root:
-        job.log.info(f"checkpoint written at {len(snap.rank_state)} ranks, resuming at {job.world.size}: every "
+    if replicas and own is None and job.world.is_root:
+        job.log.info(f"checkpoint written at {len(replicas)} ranks, resuming at {job.world.size}: every "
                      "rank starts from the consolidated model and rank 0's optimizer state")
     return Position(snap.step, snap.epoch, snap.samples_in_epoch, snap)
 

@@ -399,12 +399,15 @@ def progress_bar(job: Job, batches, epoch: int):
 
 
 def announce(job: Job) -> None:
+    """Collective: rank 0 logs what runs where."""
+    where = job.world.placement(job.threads)
     if job.world.is_root:
         c = job.cfg
         n_params = sum(p.numel() for p in job.model.parameters())
         job.log.info(f"{c.output.name}: {job.world.size} ranks x {job.threads} threads, {model_id(c.model)} "
                      f"({n_params:,} params), {c.sync.strategy}, {c.data.mode} data "
                      f"({job.train_split.total} train samples), {job.sampler.steps_per_epoch} steps/epoch")
+        job.log.info(f"placement: {where}")
 
 
 def log_epoch(job: Job, row: dict) -> None:

@@ -1,8 +1,10 @@
 """Resume semantics: a run stopped at a random step and resumed equals the uninterrupted
-run, bit for bit, for every deterministic strategy (ssp and async depend on timing); the
-checkpoint supplies state, the job file the hyperparameters; metrics rows are not repeated."""
+run, bit for bit, for every deterministic strategy (ssp and async depend on timing) and
+every stateful gradient compressor; the checkpoint supplies state, the job file the
+hyperparameters; metrics rows are not repeated."""
 
 import json
+import logging
 import random
 import signal
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import mpitrain.train
+from mpitrain import checkpoint, state
 from mpitrain.faults import Stopped, stop_flag
 from mpitrain.train import train
 
@@ -18,14 +21,17 @@ pytestmark = pytest.mark.mpi
 DETERMINISTIC = ["allreduce", "ps_sync", "local_sgd", "post_local_sgd", "bmuf", "easgd"]
 OPTIONS = {"post_local_sgd": {"local_start": 6}, "bmuf": {"period": 3}, "easgd": {"period": 3},
            "local_sgd": {"period": 3}}
+COMPRESS = {"topk": {"compress": "topk", "topk_ratio": 0.1}, "sign": {"compress": "sign"},
+            "powersgd": {"compress": "powersgd", "powersgd_rank": 2, "powersgd_min_numel": 0}}
 
 
 def params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _cfg(make_cfg, run, digits_h5, strategy, **train_kw):
-    return make_cfg(run, digits_h5, sync={"strategy": strategy, strategy: OPTIONS.get(strategy, {})},
+def _cfg(make_cfg, run, digits_h5, strategy, options=None, **train_kw):
+    options = OPTIONS.get(strategy, {}) if options is None else options
+    return make_cfg(run, digits_h5, sync={"strategy": strategy, strategy: options},
                     model={"name": "mlp", "hidden": [24]}, data={"mode": "replicated"},
                     optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
                     train={"batch_size": 8, "epochs": 3, "max_steps": 40, "resume": "auto", **train_kw},
@@ -64,6 +70,125 @@ def test_stop_at_a_random_step_and_resume_is_exact(world, shared_tmp, digits_h5,
         ref_rows = [json.loads(ln) for ln in (shared_tmp / "ref" / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows]
         assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", COMPRESS)
+def test_compressed_resume_is_exact(world, shared_tmp, digits_h5, make_cfg, monkeypatch, kind):
+    """Every rank's error-feedback residuals and PowerSGD's Q are checkpointed (the
+    residuals per rank, no per-rank parameters): stop at step k, resume, and the parameters
+    equal the uninterrupted run's bit for bit."""
+    steps_per_epoch = -(-1438 // (8 * world.size))
+    stop = random.Random(f"{kind}-{world.size}").randrange(2, min(40, 3 * steps_per_epoch) - 1)
+    opts = COMPRESS[kind]
+    _, ref = train(_cfg(make_cfg, shared_tmp / "ref", digits_h5, "allreduce", opts), world, world.logger())
+    _stop_at(monkeypatch, world, stop)
+    with pytest.raises(Stopped, match=f"after step {stop}"):
+        train(_cfg(make_cfg, shared_tmp / "run", digits_h5, "allreduce", opts), world, world.logger())
+    stop_flag().signum = 0
+    monkeypatch.undo()
+
+    def saved():
+        snap = checkpoint.read(checkpoint.path_for(shared_tmp / "run", stop))
+        keys = [sorted(r) for r in snap.rank_state]
+        q = sorted(k for k in snap.strategy_state if k.startswith(f"{kind}.q."))
+        return keys, q, any(np.any(r[k] != 0) for r in snap.rank_state for k in r)
+    keys, q, nonzero = world.bcast(saved() if world.is_root else None)  # every rank asserts alike
+    assert len(keys) == world.size and all(k and all(n.startswith(f"rank.{kind}.") for n in k) for k in keys), keys
+    assert nonzero and (q if kind == "powersgd" else not q), (q, nonzero)
+    _, got = train(_cfg(make_cfg, shared_tmp / "run", digits_h5, "allreduce", opts), world, world.logger())
+    assert torch.equal(params(got), params(ref)), (kind, stop)
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append((record.levelno, record.getMessage()))
+
+
+def _resume_observed(world, cfg, monkeypatch):
+    """Train cfg (a resume); returns (log lines, the compressor's (own, shared) state right
+    after setup and right after restore_strategy, final params)."""
+    seen, orig = {}, state.restore_strategy
+
+    def spy(job, snap):
+        seen["fresh"] = job.strategy.rank_state_dict()
+        orig(job, snap)
+        seen["restored"] = job.strategy.rank_state_dict()
+    monkeypatch.setattr(state, "restore_strategy", spy)
+    log, lines = world.logger(), _Lines()
+    log.addHandler(lines)
+    try:
+        _, model = train(cfg, world, log)
+    finally:
+        log.removeHandler(lines)
+        monkeypatch.undo()
+    return lines.lines, seen, params(model)
+
+
+def _rewrite(world, path, change):
+    """Rank 0 rewrites the checkpoint at path with change(snapshot) applied."""
+    def edit():
+        snap = checkpoint.read(path)
+        change(snap)
+        checkpoint.write(path, snap)
+    world.on_root(edit)
+
+
+@pytest.mark.timeout(240)
+def test_compressed_resume_at_another_world_size(world, shared_tmp, digits_h5, make_cfg, monkeypatch):
+    """A checkpoint of N+1 ranks resumed at N: the residuals cannot be mapped and are
+    dropped with one warning on rank 0 (zeros); PowerSGD's Q is kept; training goes on."""
+    run, opts = shared_tmp / "ws", COMPRESS["powersgd"]
+    train(_cfg(make_cfg, run, digits_h5, "allreduce", opts, max_steps=6), world, world.logger())
+
+    def one_more_rank(snap):  # as if written at world.size + 1 ranks
+        snap.rank_state.append(dict(snap.rank_state[-1]))
+        snap.rng = np.concatenate([snap.rng, snap.rng[-1:]])
+        snap.world_size += 1
+    _rewrite(world, checkpoint.path_for(run, 6), one_more_rank)
+    saved_q = world.bcast(checkpoint.read(checkpoint.path_for(run, 6)).strategy_state if world.is_root else None)
+    lines, seen, p = _resume_observed(world, _cfg(make_cfg, run, digits_h5, "allreduce", opts, max_steps=10),
+                                      monkeypatch)
+    own, shared = seen["restored"]
+    assert own and all(not np.any(a) for a in own.values())  # dropped: zeros
+    assert shared and all(np.array_equal(a, saved_q[k]) for k, a in shared.items())  # Q kept
+    assert not all(np.array_equal(a, seen["fresh"][1][k]) for k, a in shared.items())
+    warned = [m for lvl, m in lines if lvl == logging.WARNING]
+    if world.is_root:
+        assert len(warned) == 1 and f"written at {world.size + 1} ranks" in warned[0], lines
+        assert not any("holds no" in m for _, m in lines), lines
+    else:
+        assert not warned
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("written, resumed", [("powersgd", "powersgd"), ("topk", "sign")])
+def test_checkpoint_without_compressor_state(world, shared_tmp, digits_h5, make_cfg, monkeypatch, written, resumed):
+    """An older checkpoint (no compressor state at all) or one written with another compress
+    resumes with zero residuals and a fresh Q, and one info line on rank 0."""
+    run = shared_tmp / "old"
+    train(_cfg(make_cfg, run, digits_h5, "allreduce", COMPRESS[written], max_steps=6), world, world.logger())
+    if written == resumed:  # as an older mpitrain wrote it
+        def strip(snap):
+            snap.rank_state, snap.strategy_state = [], {}
+        _rewrite(world, checkpoint.path_for(run, 6), strip)
+    lines, seen, p = _resume_observed(
+        world, _cfg(make_cfg, run, digits_h5, "allreduce", COMPRESS[resumed], max_steps=10), monkeypatch)
+    (own, shared), (fresh_own, fresh_shared) = seen["restored"], seen["fresh"]
+    assert own and all(not np.any(a) for a in own.values())
+    assert set(shared) == set(fresh_shared) and all(np.array_equal(a, fresh_shared[k]) for k, a in shared.items())
+    infos = [m for lvl, m in lines if "holds no" in m]
+    if world.is_root:
+        assert len(infos) == 1 and f"no {resumed} state" in infos[0], lines
+        assert not any(lvl >= logging.WARNING for lvl, _ in lines), lines
+    else:
+        assert not infos
+    assert torch.isfinite(p).all()
 
 
 def test_hyperparameters_come_from_the_job_file(world, shared_tmp, digits_h5, make_cfg):

@@ -99,7 +99,8 @@ def vc(repo_root):
     subprocess.run([sys.executable, "-m", "mpitrain", "data", "digits", "--out", str(shared / "digits.h5")],
                    cwd=repo_root, check=True, capture_output=True, timeout=120)
     yield VCluster(repo_root, shared)
-    shutil.rmtree(shared, ignore_errors=True)
+    if not os.environ.get("MPITRAIN_KEEP"):
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def last_row(run: Path) -> dict:
@@ -142,6 +143,11 @@ def test_digits_job_on_two_nodes(vc, launch):
         ("COMPLETED", "2", "4", "vn[1-2]"), (info, vc.tail(job))
     assert ("srun --mpi=pmix" if launch == "srun" else "mpirun -n 4") in log, vc.tail(job)
     assert ranks_by_node(log) == {"vn1": {0, 1}, "vn2": {2, 3}}, vc.tail(job)
+    # mpitrain's own view: MPI's node-local groups match the hostnames (no warning), and
+    # each rank uses its node's 2 CPUs / 2 local ranks = 1 thread; the data is read in
+    # partitions (collective mpio reads of one shared HDF5 file by ranks on both nodes)
+    assert "placement: 2 nodes: vn1 ranks 0-1, vn2 ranks 2-3; 1 thread per rank\n" in log, vc.tail(job)
+    assert "partitioned data" in log, vc.tail(job)
     row = last_row(run)
     assert row["ranks"] == 4 and row["epoch"] == 4 and row["test_acc"] >= 0.95, (row, vc.tail(job))
 
@@ -233,3 +239,62 @@ def test_rank_killed_on_second_node_ends_job_and_rerun_resumes(vc, launch):
     assert ranks_by_node(log2) == {"vn1": {0, 1}, "vn2": {2, 3}}, vc.tail(job2)
     row = last_row(run)
     assert row["step"] == 80 and row["ranks"] == 4, row
+
+
+@pytest.mark.timeout(600)
+def test_preemption_cycle_on_two_nodes(vc):
+    """USR1 to the batch shell of a 2-node job (what --signal=B:USR1 sends before the time
+    limit) -> every rank on both nodes checkpoints, exit 75, the job requeues itself; the
+    second run resumes on both nodes and ends with the parameters of an uninterrupted run."""
+    import h5py
+    import numpy as np
+
+    run, ref = vc.shared / "preempt", vc.shared / "preempt-ref"
+    steps = "--set train.epochs=50 --set train.max_steps=80 --set output.checkpoint_every=10"
+    slow = "--set train.slowdown_rank=3 --set train.slowdown_factor=10"  # a rank on vn2; no arithmetic change
+    args = ["--nodes=2", "--ntasks-per-node=2"]
+    job, _ = vc.sbatch("jobs/digits.sbatch", short(vc, run, steps, slow), args=args, wait=False)
+    wait_for(lambda: list(run.glob("ckpt-*.h5")), 120, "the first checkpoint" + vc.tail(job))
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_for(lambda: vc.job_info(job).get("JobState") == "PENDING", 60, "the requeue" + vc.tail(job))
+    info, log = vc.job_info(job), vc.log_of(job)
+    assert info["Restarts"] == "1", (info, vc.tail(job))
+    stopped = int(re.search(r"stopped by SIGUSR1 after step (\d+)", log).group(1))
+    assert 0 < stopped < 80 and (run / f"ckpt-{stopped:09d}.h5").is_file(), vc.tail(job)
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-s", "-j", job], capture_output=True,
+                                        text=True).stdout.strip(), 60, "the old job step to end")
+    assert not ranks_in("vn1") and not ranks_in("vn2"), "ranks left running after the checkpointed stop"
+    # slurmd revoked the old run's credential with a time in whole seconds: a run of the same
+    # job id started in that second is refused ("Job credential revoked")
+    time.sleep(3)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # not in ~2 min
+    wait_for(lambda: vc.job_info(job).get("JobState") in ENDED, 240, "the requeued run" + vc.tail(job))
+    log = vc.log_of(job)
+    assert vc.job_info(job)["JobState"] == "COMPLETED", vc.tail(job)
+    assert f"resuming from step {stopped}" in log and "restart 1:" in log, vc.tail(job)
+    assert log.count("placement: 2 nodes: vn1 ranks 0-1, vn2 ranks 2-3") == 2, vc.tail(job)
+    assert last_row(run)["step"] == 80
+    _, rc = vc.sbatch("jobs/digits.sbatch", short(vc, ref, steps), args=args, timeout=240)
+    assert rc == 0
+    final = [d / "ckpt-000000080.h5" for d in (run, ref)]
+    with h5py.File(final[0], "r") as a, h5py.File(final[1], "r") as b:
+        for k in a["model"]:
+            assert np.array_equal(a["model"][k][()], b["model"][k][()]), k
+
+
+@pytest.mark.timeout(120)
+def test_second_up_with_other_settings_while_a_job_runs_is_refused(vc):
+    job, _ = vc.sbatch("--wrap=sleep 60", wait=False)  # a job that runs while `up` is asked to change
+    try:
+        wait_for(lambda: vc.job_info(job).get("JobState") == "RUNNING", 30, f"job {job} to start")
+        r = subprocess.run(["bash", "scripts/vcluster.sh", "up", "--nodes", "3"], cwd=vc.root,
+                           capture_output=True, text=True, timeout=90)
+        assert r.returncode == 1, r
+        assert r.stderr.strip().splitlines() == [
+            "[vcluster] error: already up with 2 nodes x 2 CPUs and jobs are running: not changing to 3 x 2 "
+            "(scancel them or 'scripts/vcluster.sh down' first)"], r.stderr
+        assert vc.job_info(job).get("JobState") == "RUNNING"
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+        assert nodes == list(NODES)
+    finally:
+        subprocess.run(["scancel", job])

@@ -21,6 +21,36 @@ def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a > start else f"{a}")
+            start = b
+    return ",".join(out)
+
+
+def describe_placement(rows: list[tuple[str, int, int, int]], show: int = 8) -> str:
+    """rows[rank] = (hostname, local_rank, local_size, threads) -> the line of World.placement."""
+    nodes: dict[str, list[int]] = {}
+    for rank, (host, *_rest) in enumerate(rows):
+        nodes.setdefault(host, []).append(rank)
+    parts = [f"{host} ranks {_ranges(ranks)}" for host, ranks in list(nodes.items())[:show]]
+    if len(nodes) > show:
+        parts.append(f"... {len(nodes) - show} more")
+    threads = sorted({t for *_rest, t in rows})
+    line = (f"{len(nodes)} node{'s' * (len(nodes) > 1)}: {', '.join(parts)}; "
+            f"{'/'.join(map(str, threads))} thread{'s' * (threads != [1])} per rank")
+    odd = [host for host, ranks in nodes.items()
+           if sorted(rows[r][1] for r in ranks) != list(range(len(ranks)))
+           or any(rows[r][2] != len(ranks) for r in ranks)]
+    if odd:
+        line += (f" (warning: MPI's shared-memory groups differ from the hostnames on {', '.join(odd[:4])}: "
+                 "node-local ranks and GPUs may be assigned wrongly)")
+    return line
+
+
 @dataclass
 class World:
     """A private duplicate of COMM_WORLD plus what every module needs to know about it."""
@@ -57,6 +87,15 @@ class World:
         if mine < total:  # the launcher bound us: use what we were given
             return max(1, mine)
         return max(1, total // self.local_size)
+
+    def placement(self, threads: int) -> str:
+        """Collective: one line saying where the ranks run, by node, e.g. "2 nodes: vn1 ranks
+        0-1, vn2 ranks 2-3; 1 thread per rank". Warns (in the line) where MPI's shared-memory
+        grouping (local_rank/local_size) disagrees with the hostnames."""
+        import socket
+
+        rows = self.allgather((socket.gethostname(), self.local_rank, self.local_size, threads))
+        return describe_placement(rows)
 
     def select_device(self, want: str):
         """Collective: the job's torch device, the same kind on every rank — cuda:(local

@@ -78,6 +78,30 @@ class AllreduceStrategy:
     def after_step(self, step):
         pass
 
+    def rank_state_dict(self):
+        """A compressor's state: (this rank's error feedback, PowerSGD's Q), keys prefixed
+        with the compressor's name; ({}, {}) without compression or for fp16/bf16."""
+        if self.compressor is None:
+            return {}, {}
+        own, shared = self.compressor.state()
+        prefix = f"{self.options.compress}."
+        return compress.state_arrays(own, prefix), compress.state_arrays(shared, prefix)
+
+    def load_rank_state_dict(self, own, shared):
+        """The compressor's state from a checkpoint; what it lacks (an older checkpoint, or
+        other compress options) starts afresh, with one line on rank 0."""
+        if self.compressor is None:
+            return
+        mine, common = self.compressor.state()
+        prefix, fresh = f"{self.options.compress}.", []
+        if own is not None and not compress.load_state(mine, own, prefix):
+            fresh.append("error feedback starts at zero")
+        if not compress.load_state(common, shared, prefix):
+            fresh.append("Q starts afresh")
+        if fresh and self.log and self.world.is_root:
+            self.log.info(f"allreduce: the checkpoint holds no {self.options.compress} state (written before it "
+                          f"was saved, or with other compress options): {', '.join(fresh)}")
+
     def consolidated(self):
         return contextlib.nullcontext()  # the replicas never differ
 

@@ -12,7 +12,8 @@ A strategy is a class with four methods and three declared attributes:
         def after_step(self, step): ...
         def consolidated(self): ...                          # Collective context manager
 
-and optionally `state_dict`/`load_state_dict` (`Stateful`: state for checkpoints) and
+and optionally `state_dict`/`load_state_dict` (`Stateful`: state for checkpoints),
+`rank_state_dict`/`load_rank_state_dict` (`RankStateful`: per-rank state for checkpoints) and
 `metrics` (`Reporting`: extra per-epoch figures). The per-step order is
 forward, backward -> after_backward -> optimizer.step() -> after_step.
 """
@@ -65,6 +66,24 @@ class Stateful(Protocol):
 
     def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
         """Collective, after setup: continue from a checkpoint's state (any world size)."""
+
+
+@runtime_checkable
+class RankStateful(Protocol):
+    """Optional: state that differs between ranks and fits only the world size it was made
+    at (e.g. gradient compression's error-feedback residuals), with the state the ranks hold
+    alike beside it (PowerSGD's Q). Checkpoints keep every rank's own arrays (gathered to
+    rank 0) and the shared ones once, in the strategy state."""
+
+    def rank_state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(this rank's own arrays, arrays equal on every rank); the same keys and shapes on
+        every rank; ({}, {}) when there is nothing to keep. Not collective."""
+
+    def load_rank_state_dict(self, own: dict[str, np.ndarray] | None, shared: dict[str, np.ndarray]) -> None:
+        """After setup: continue from a checkpoint. `own` is this rank's arrays as saved at
+        this world size ({} if the checkpoint has none), None when they were saved at another
+        world size and are dropped; `shared` is the checkpoint's strategy state. What is
+        missing or does not fit starts afresh. Not collective."""
 
 
 @runtime_checkable

@@ -14,6 +14,9 @@ sending fewer bytes. Collectives go through World (no MPI here).
   allreduce for the first `start_step` steps.
 - Sign (EF-signSGD, Karimireddy et al. 2019): sign bits (packed, 1/32 of fp32) times
   the mean |value| per rank, with error feedback.
+
+`state()` names what a resume must restore: (this rank's error feedback, state equal on
+every rank); `state_arrays` and `load_state` turn it into checkpoint arrays and back.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import torch
 class Half:
     def __init__(self, world, dtype: torch.dtype):
         self.world, self.dtype = world, dtype
+
+    def state(self) -> tuple[dict, dict]:
+        return {}, {}  # stateless
 
     def reduce_(self, grad: torch.Tensor, step: int) -> None:
         n = self.world.size
@@ -50,6 +56,9 @@ class TopK:
         self.world, self.k = world, max(1, int(round(ratio * grad.numel())))
         self.residual = torch.zeros_like(grad)
 
+    def state(self) -> tuple[dict, dict]:
+        return {"residual": self.residual}, {}
+
     def reduce_(self, grad: torch.Tensor, step: int) -> None:
         acc = grad + self.residual
         idx = acc.abs().topk(self.k, sorted=False).indices
@@ -64,6 +73,9 @@ class Sign:
     def __init__(self, world, grad: torch.Tensor):
         self.world = world
         self.residual = torch.zeros_like(grad)
+
+    def state(self) -> tuple[dict, dict]:
+        return {"residual": self.residual}, {}
 
     def reduce_(self, grad: torch.Tensor, step: int) -> None:
         acc = grad + self.residual
@@ -94,6 +106,10 @@ class PowerSGD:
             else:
                 self.rest.append((off, k))
             off += k
+
+    def state(self) -> tuple[dict, dict]:
+        return ({f"error.{i}": e for i, e in enumerate(self.error)},
+                {f"q.{i}": q for i, q in enumerate(self.q)})  # Q: the same on every rank
 
     def reduce_(self, grad: torch.Tensor, step: int) -> None:
         if step < self.start_step:
@@ -127,6 +143,24 @@ class PowerSGD:
         for t in tensors:
             t.copy_(flat[pos:pos + t.numel()].view_as(t))
             pos += t.numel()
+
+
+def state_arrays(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, np.ndarray]:
+    """Copies of named tensors as arrays, keyed prefix + name."""
+    return {prefix + k: t.detach().cpu().numpy().copy() for k, t in tensors.items()}
+
+
+def load_state(tensors: dict[str, torch.Tensor], arrays: dict[str, np.ndarray], prefix: str) -> bool:
+    """Copy arrays[prefix + name] into every named tensor when the arrays under prefix are
+    exactly those names with the same shapes and dtypes (True); else change nothing (False)."""
+    got = {k[len(prefix):]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
+    if set(got) != set(tensors) or any(got[k].shape != tuple(t.shape) or str(got[k].dtype) != str(t.dtype)[6:]
+                                       for k, t in tensors.items()):  # torch.float32 vs float32
+        return False
+    with torch.no_grad():
+        for k, t in tensors.items():
+            t.copy_(torch.from_numpy(np.array(got[k])))
+    return True
 
 
 def create(options, world, params: list, grad: torch.Tensor):

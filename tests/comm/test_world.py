@@ -118,3 +118,25 @@ def test_a_world_over_one_rank(world):
         assert solo.sum(3) == 3
     finally:
         solo.free()
+
+
+def test_placement_line_groups_ranks_by_node():
+    from mpitrain.comm.world import describe_placement
+
+    rows = [("vn1", 0, 2, 1), ("vn1", 1, 2, 1), ("vn2", 0, 2, 1), ("vn2", 1, 2, 1)]
+    assert describe_placement(rows) == "2 nodes: vn1 ranks 0-1, vn2 ranks 2-3; 1 thread per rank"
+    rows = [("a", 0, 2, 4), ("b", 0, 1, 2), ("a", 1, 2, 4)]  # round-robin, uneven nodes
+    assert describe_placement(rows) == "2 nodes: a ranks 0,2, b ranks 1; 2/4 threads per rank"
+    many = [(f"n{i}", 0, 1, 1) for i in range(10)]
+    assert describe_placement(many).startswith("10 nodes: n0 ranks 0, ") and "... 2 more;" in describe_placement(many)
+    # MPI's shared-memory split says one node where the hostnames say two (or the reverse)
+    bad = [("a", 0, 2, 1), ("b", 1, 2, 1)]
+    assert "warning: MPI's shared-memory groups differ from the hostnames on a, b" in describe_placement(bad)
+
+
+def test_placement_on_this_machine(world):
+    line = world.placement(threads=1)
+    import socket
+
+    assert line == (f"1 node: {socket.gethostname()} ranks {'0' if world.size == 1 else f'0-{world.size - 1}'}; "
+                    "1 thread per rank")
