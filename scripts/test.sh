@@ -71,7 +71,7 @@ if [ "$rc" -eq 3 ]; then  # vcluster.sh's "this machine does not permit it" (not
   rc=0
 elif [ "$rc" -eq 0 ]; then
   export SLURM_CONF=$(sed -n 's/^export SLURM_CONF=//p' <<< "$vc_out")
-  timeout -k 10 420 python -m pytest -m vcluster "${COMMON[@]}" --timeout=400 tests
+  timeout -k 10 600 python -m pytest -m vcluster "${COMMON[@]}" --timeout=400 tests
   rc=$?
   bash scripts/vcluster.sh down || rc=1
   check "virtual-cluster tests" "$rc"
