@@ -84,6 +84,36 @@ def test_half_precision_within_its_rounding(world, kind, rtol):
         torch.testing.assert_close(g, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind, kw", [("topk", {"topk_ratio": 0.1}), ("sign", {}),
+                                      ("powersgd", {"powersgd_rank": 1, "powersgd_min_numel": 0})])
+def test_state_round_trip(world, kind, kw):
+    """A fresh compressor given another's state arrays continues exactly as that one does;
+    arrays with other names or shapes change nothing; fp16/bf16 have no state."""
+    params, grad = model_and_grad(world, seed=3)
+    a = compress.create(opts(compress=kind, **kw), world, params, grad)
+    for step in range(2):
+        a.reduce_(grad * (step + 1), step)
+    prefix = f"{kind}."
+    own, shared = (compress.state_arrays(t, prefix) for t in a.state())
+    assert own and all(k.startswith(prefix) for k in own) and bool(shared) == (kind == "powersgd")
+    b = compress.create(opts(compress=kind, **kw), world, params, grad)
+    assert compress.load_state(b.state()[0], own, prefix) and compress.load_state(b.state()[1], shared, prefix)
+    for step in (2, 3):
+        ga, gb = grad * (step + 1), grad * (step + 1)
+        a.reduce_(ga, step)
+        b.reduce_(gb, step)
+        assert torch.equal(ga, gb)
+    c = compress.create(opts(compress=kind, **kw), world, params, grad)
+    short = {k: v[:1] for k, v in own.items()}
+    assert not compress.load_state(c.state()[0], own, "other.")
+    assert not compress.load_state(c.state()[0], short, prefix)
+    assert not compress.load_state(c.state()[0], own | {prefix + "extra": own[next(iter(own))]}, prefix)
+    assert all(not t.any() for t in c.state()[0].values())  # untouched: zeros
+    for half in ("fp16", "bf16"):
+        assert compress.create(opts(compress=half), world, params, grad).state() == ({}, {})
+
+
 def test_bytes_on_the_wire(world):
     params, grad = model_and_grad(world)
     n = grad.numel()
