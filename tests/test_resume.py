@@ -179,7 +179,7 @@ def test_checkpoint_without_compressor_state(world, shared_tmp, digits_h5, make_
         _rewrite(world, checkpoint.path_for(run, 6), strip)
     lines, seen, p = _resume_observed(
         world, _cfg(make_cfg, run, digits_h5, "allreduce", COMPRESS[resumed], max_steps=10), monkeypatch)
-    (own, shared), (fresh_own, fresh_shared) = seen["restored"], seen["fresh"]
+    (own, shared), (_, fresh_shared) = seen["restored"], seen["fresh"]
     assert own and all(not np.any(a) for a in own.values())
     assert set(shared) == set(fresh_shared) and all(np.array_equal(a, fresh_shared[k]) for k, a in shared.items())
     infos = [m for lvl, m in lines if "holds no" in m]
