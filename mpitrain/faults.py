@@ -135,9 +135,12 @@ class Watchdog:
     killed outright is handled faster by the launcher (Open MPI ends the job).
 
     The thread needs the GIL, which a C call may hold while it waits (h5py's collective
-    reads do): as a backstop, faulthandler's C-level timer, re-armed at every poll, dumps
-    every thread's traceback and exits the process after 2 x timeout + 10 s without a poll,
-    and the launcher then ends the job.
+    open and reads do): as a backstop, faulthandler's C-level timer dumps every thread's
+    traceback and exits the process after 2 x timeout + 10 s without a poll, and the
+    launcher then ends the job. The timer is armed here, by the creating thread, before the
+    first poll (the job can reach such a C call within that first poll interval: a timer
+    armed only by the thread would then never be armed), re-armed at every poll and by
+    `set_timeout`, and cancelled when the timeout is 0.
     """
 
     def __init__(self, timeout: float, world=None):
@@ -145,6 +148,7 @@ class Watchdog:
         self.step, self.state = 0, 0
         self.heart: Heartbeat | None = None
         self._stop = threading.Event()
+        self._arm()  # before the thread's first poll: the main thread may hold the GIL by then
         self._thread = threading.Thread(target=self._watch, name="mpitrain-watchdog", daemon=True)
         self._thread.start()  # local until attached: the first collectives are watched too
         if world is not None:
@@ -164,7 +168,15 @@ class Watchdog:
     def set_timeout(self, timeout: float) -> None:
         """Seconds without progress anywhere before the job is aborted (0 = never)."""
         self.timeout = timeout
+        self._arm()
         heartbeat.tick()
+
+    def _arm(self) -> None:
+        """(Re-)arm the C-level backstop for this timeout, or cancel it (0 = off)."""
+        if self.timeout > 0:
+            faulthandler.dump_traceback_later(2 * self.timeout + 10, exit=True)
+        else:
+            faulthandler.cancel_dump_traceback_later()
 
     def beat(self, step: int, waiting: bool = False) -> None:
         """This rank now works on `step` (computing, or waiting on the others)."""
@@ -198,8 +210,7 @@ class Watchdog:
     def _watch(self):
         seen = None
         while not self._stop.wait(min(1.0, self.timeout / 4) if self.timeout > 0 else 1.0):
-            if self.timeout > 0:  # the backstop for a main thread stuck in C holding the GIL (h5py)
-                faulthandler.dump_traceback_later(2 * self.timeout + 10, exit=True)
+            self._arm()  # the backstop for a main thread stuck in C holding the GIL (h5py)
             if self.heart is not None:
                 self.heart.alive()
             idle = time.monotonic() - heartbeat.last_progress()
