@@ -4,8 +4,8 @@ them in the same run.
 
 Collective. (1) alpha and beta of the current transport from timed allreduces of several
 sizes (the slowest rank's, median of rounds); (2) the job's compute time per step on this
-rank with no communication; (3) for each variant, the predicted step time (compute +
-communication) next to the measured one (the job's own step, `train.build` with the
+rank with no communication, and each compressor's own arithmetic (with collectives that
+only copy); (3) for each variant, the predicted step time (compute + codec + communication) next to the measured one (the job's own step, `train.build` with the
 variant's overrides); (4) predictions for large models and world sizes from the fitted
 latency and a given network bandwidth.
 """
@@ -23,6 +23,7 @@ from . import config, costmodel, train
 from .bench import _header, _parse_size
 from .bench_e2e import _groups, _mpitrain_step, _single_step, _time_rounds, _Variant
 from .faults import collective_cleanup
+from .sync import compress
 
 VARIANTS = {  # name: (overrides, cost-model strategy, options)
     "allreduce": (["sync.strategy=allreduce"], "allreduce", {}),
@@ -72,18 +73,60 @@ def run(args, world, log) -> None:
         rounds = _time_rounds(variants, argparse.Namespace(steps=args.steps, warmup=2, repeats=args.repeats),
                               world, set())
         ms = {v.label: statistics.median(x[0] for x in rounds[id(v)]) for v in variants}
+        codec = {name: _codec_seconds(job, args.steps) for name, job in jobs.items()}
     model = costmodel.Model(sum(p.numel() for p in base.model.parameters()), costmodel.matrices_of(base.model))
     if world.is_root:
         compute = ms["compute only"] / 1e3
         print(f"# job {args.job}: {model.params:,} params, batch {cfg0.train.batch_size}/rank; compute only "
               f"{compute * 1e3:.2f} ms/step")
-        print("| variant | predicted ms/step | measured ms/step | predicted / measured |")
-        print("|---|---|---|---|")
+        print("| variant | predicted ms/step | of which codec | measured ms/step | predicted / measured |")
+        print("|---|---|---|---|---|")
         for name in names:
             _, strategy, kw = VARIANTS[name]
-            pred = costmodel.step_seconds(strategy, model, transport, world.size, compute, **kw) * 1e3
-            print(f"| {name} | {pred:.2f} | {ms[name]:.2f} | {pred / ms[name]:.2f} |")
+            pred = costmodel.step_seconds(strategy, model, transport, world.size, compute, codec=codec[name],
+                                          **kw) * 1e3
+            print(f"| {name} | {pred:.2f} | {codec[name] * 1e3:.2f} | {ms[name]:.2f} | {pred / ms[name]:.2f} |")
         _extrapolate(args, transport, compute, model)
+
+
+class _Replicas:
+    """A stand-in World of `size` ranks that all hold this rank's tensors: collectives
+    return what MPI would deliver, with no communication, so a compressor's encode and
+    decode (whose cost grows with the ranks it decodes) can be timed alone."""
+
+    def __init__(self, size: int):
+        self.size, self.rank, self.is_root = size, 0, True
+
+    def max(self, x):
+        return x
+
+    def allreduce_(self, t):
+        return t.mul_(self.size)
+
+    def allgather_tensor(self, t):
+        return t.unsqueeze(0).expand(self.size, *t.shape).clone()
+
+    def alltoall_tensor(self, t):
+        return t.clone()
+
+
+def _codec_seconds(job, steps: int) -> float:
+    """Seconds per step of this rank's compressor arithmetic alone (0 without compression):
+    a copy of the job's compressor on _Replicas of the job's size reduces a random gradient
+    of the model's size; median of `steps`."""
+    strategy = job.strategy
+    if getattr(strategy, "compressor", None) is None:
+        return 0.0
+    flat = strategy.flat
+    codec = compress.create(strategy.options, _Replicas(job.world.size), flat.params, flat.grad)
+    grad = torch.randn_like(flat.grad)
+    times = []
+    for _ in range(steps + 1):
+        g = grad.clone()
+        t0 = time.perf_counter()
+        codec.reduce_(g, step=10**9)  # past any start_step: the compressed path
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def _indices(groups):

@@ -4,8 +4,9 @@ measures its inputs).
 Transport: the alpha-beta model of Hockney, with the collective algorithms MPI uses for
 large messages: a ring allreduce of B bytes on n ranks costs 2(n-1) alpha + 2(n-1)/n B
 beta; an allgather of b bytes per rank (n-1) alpha + (n-1) b beta; an all-to-all of B
-bytes per rank (n-1) alpha + (n-1)/n B beta. A step costs compute(batch) plus the
-communication the strategy issues per step (averaged over a period where it communicates
+bytes per rank (n-1) alpha + (n-1)/n B beta. A step costs compute(batch), plus a
+compressor's own arithmetic (measured alone: its encode and decode with no communication),
+plus the communication the strategy issues per step (averaged over a period where it communicates
 every H steps), minus what hides behind backward (`overlap`, the share measured by
 train.trace; 0 without a communication thread).
 """
@@ -81,9 +82,10 @@ def comm_seconds(strategy: str, model: Model, t: Transport, n: int, *, period: i
 
 
 def step_seconds(strategy: str, model: Model, t: Transport, n: int, compute: float, overlap: float = 0.0,
-                 **kw) -> float:
-    """compute + the communication that does not hide behind backward."""
-    return compute + (1.0 - overlap) * comm_seconds(strategy, model, t, n, **kw)
+                 codec: float = 0.0, **kw) -> float:
+    """compute + a compressor's own arithmetic (`codec`, measured: encode and decode) + the
+    communication that does not hide behind backward."""
+    return compute + codec + (1.0 - overlap) * comm_seconds(strategy, model, t, n, **kw)
 
 
 def matrices_of(module) -> tuple[tuple[int, int], ...]:

@@ -99,3 +99,26 @@ def test_bench_e2e_bad_input_one_line_exit_2(tmp_path, digits, mpirun):
         assert len(lines) == 1 and lines[0].startswith("mpitrain: error: "), (name, r.stderr)
         assert message in lines[0], (name, lines[0])
         assert "| variant |" not in r.stdout, (name, r.stdout)
+
+
+@pytest.mark.timeout(600)
+def test_bench_model_digits_table(tmp_path, digits, mpirun):
+    """`bench model`: the fitted transport, one row per variant whose prediction adds up
+    (compute + codec + communication), the codec measured only for compressors."""
+    r = subprocess.run(mpirun.command(2, "bench", "model", "--job", "jobs/digits.toml", "--set",
+                                      f"data.path={digits}", "--steps", 3, "--repeats", 1, "--sizes", "64k,256k",
+                                      "--iters", 3), capture_output=True, text=True, timeout=400, cwd=mpirun.root,
+                       env=dict(mpirun.env, TMPDIR=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "# transport fit on 2 ranks: alpha " in out, out
+    compute = float(out.split(" compute only ")[1].split(" ms/step")[0])
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    assert lines[0] == "| variant | predicted ms/step | of which codec | measured ms/step | predicted / measured |"
+    rows = {c[0]: [float(x) for x in c[1:]] for c in ([x.strip() for x in ln.strip("|").split("|")]
+                                                       for ln in lines[1:7])}
+    assert list(rows) == ["allreduce", "allreduce fp16", "allreduce topk 1%", "allreduce powersgd r2",
+                          "allreduce sign", "local_sgd H=4"], out
+    for name, (pred, codec, measured, ratio) in rows.items():
+        assert (codec > 0) == ("allreduce " in name), (name, codec)
+        assert pred >= compute + codec - 0.01 and measured > 0 and ratio == pytest.approx(pred / measured, abs=0.01)
