@@ -9,6 +9,7 @@ Layout (`h5ls -r` shows it):
                      PowerSGD's Q)
     /rng/torch_cpu   (ranks, n) uint8: every rank's torch CPU generator state
     /rng/torch_cuda  (ranks, m) uint8: every rank's CUDA generator state (GPU jobs only)
+    /amp/scale, /amp/growth_tracker  fp16 loss scaling (fp16 jobs only; the same on every rank)
     /ranks/<r>/<key> (strategies whose replicas differ) every rank's own state before the
                      checkpoint consolidated it: param.<name>, optim.<index>.<key>, strategy.<key>;
                      and/or rank.<key>: per-rank strategy state (compression residuals)
@@ -93,6 +94,7 @@ class Snapshot:
     rng: np.ndarray  # (ranks, n) uint8
     rank_state: list[dict[str, np.ndarray]] = field(default_factory=list)  # every rank's own, or none
     cuda_rng: np.ndarray | None = None  # (ranks, m) uint8, GPU jobs
+    amp: dict[str, np.ndarray] = field(default_factory=dict)  # fp16 loss scaling (precision.Precision)
     mpitrain_version: str = __version__
 
 
@@ -131,6 +133,10 @@ def write(path: Path, snap: Snapshot) -> float:
         _put(g, "torch_cpu", snap.rng)
         if snap.cuda_rng is not None:
             _put(g, "torch_cuda", snap.cuda_rng)
+        if snap.amp:
+            g = f.create_group("amp")
+            for k, v in snap.amp.items():
+                _put(g, k, v)
         for r, arrays in enumerate(snap.rank_state):
             g = f.require_group("ranks").create_group(str(r))
             for k, v in arrays.items():
@@ -186,7 +192,7 @@ def read(path: Path) -> Snapshot:
                 optimizer_state={k: arrays(g) for k, g in f["optimizer/state"].items()},
                 param_groups=json.loads(f["optimizer"].attrs["param_groups"]),
                 strategy_state=arrays(f["strategy"]), rng=arrays(f["rng"])["torch_cpu"],
-                cuda_rng=arrays(f["rng"]).get("torch_cuda"),
+                cuda_rng=arrays(f["rng"]).get("torch_cuda"), amp=arrays(f["amp"]) if "amp" in f else {},
                 rank_state=[arrays(f[f"ranks/{r}"]) for r in range(len(f["ranks"]))] if "ranks" in f else [],
                 mpitrain_version=str(f.attrs["mpitrain_version"]))
             if bad:

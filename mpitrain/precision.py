@@ -7,13 +7,15 @@ Where the ranks' gradients are reduced (allreduce, ps_sync...), an overflow anyw
 or NaN in the reduced gradient on every rank, so every scaler sees it. Where each rank
 steps on its own gradient (local SGD, BMUF, EASGD), an overflow on one rank is made every
 rank's: the others mark one gradient element non-finite before unscaling, so every scaler
-skips the step and backs off alike, and the scales stay equal.
+skips the step and backs off alike, and the scales stay equal. Checkpoints keep the
+scale and its growth counter (`state_dict`), so a resumed fp16 run scales as it would have.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,3 +58,21 @@ class Precision:
         self.scaler.step(optimizer)
         self.scaler.update()
         return self.scaler.get_scale() >= before  # the scaler backs off only after a skipped step
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """fp16: the loss scale and the count of good steps towards its next growth (the same
+        on every rank); {} otherwise."""
+        if self.scaler is None:
+            return {}
+        sd = self.scaler.state_dict()
+        return {"scale": np.array([sd["scale"]], np.float64), "growth_tracker": np.array([sd["_growth_tracker"]])}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> bool:
+        """Continue from `state_dict`'s arrays; False (and a fresh scaler) where they are
+        missing (a checkpoint of a run in another precision, or older than this)."""
+        if self.scaler is None or set(arrays) != {"scale", "growth_tracker"}:
+            return False
+        sd = self.scaler.state_dict()
+        sd.update(scale=float(arrays["scale"][0]), _growth_tracker=int(arrays["growth_tracker"][0]))
+        self.scaler.load_state_dict(sd)
+        return True

@@ -71,7 +71,7 @@ def save(job, pos: Position) -> str:
                 strategy=job.cfg.sync.strategy, model_name=model_id(job.cfg.model), config=job.cfg.dumps(),
                 model={k: v.detach().cpu().numpy() for k, v in job.model.state_dict().items()},
                 **optimizer_arrays(job.optimizer), strategy_state=sstate, rng=np.stack(rng),
-                cuda_rng=np.stack(cuda_rng) if cuda_rng is not None else None,
+                cuda_rng=np.stack(cuda_rng) if cuda_rng is not None else None, amp=job.precision.state_dict(),
                 rank_state=every_own or [])
             try:
                 secs = checkpoint.write(path, snap)
@@ -265,6 +265,9 @@ def restore(job, snap: checkpoint.Snapshot) -> Position:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         job.schedule.step()
+    if not job.precision.load_state_dict(snap.amp) and job.precision.scaler is not None and job.world.is_root:
+        job.log.info("the checkpoint holds no fp16 loss scale (another precision, or an older checkpoint): "
+                     "the loss scale starts afresh")
     if replicas and own is None and job.world.is_root:
         job.log.info(f"checkpoint written at {len(replicas)} ranks, resuming at {job.world.size}: every "
                      "rank starts from the consolidated model and rank 0's optimizer state")

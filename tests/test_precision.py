@@ -58,3 +58,39 @@ def test_fp32_and_bf16_have_no_scaler(world):
         assert prec.scaler is None and prec.scale(torch.tensor(2.0)) == 2.0
     with Precision("bf16", torch.device("cpu"), world, reduced=True).autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_loss_scale_survives_a_checkpoint(world, tmp_path):
+    """The scale and its growth counter go through a checkpoint file; the restored scaler
+    then skips, grows and steps exactly as the original."""
+    import numpy as np
+
+    from mpitrain import checkpoint
+
+    model, opt, prec = setup(world, reduced=True)
+    prec.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    for poison in (True, False, False):  # one back-off, then two good steps towards growth
+        backward(model, prec, poison)
+        prec.step(opt)
+    state = prec.state_dict()
+    assert float(state["scale"][0]) == 2.0**9 and int(state["growth_tracker"][0]) == 2
+    snap = checkpoint.Snapshot(step=3, epoch=0, samples_in_epoch=0, world_size=world.size, strategy="allreduce",
+                               model_name="m", config="", model={}, optimizer_state={}, param_groups=[],
+                               strategy_state={}, rng=np.zeros((1, 4), np.uint8), amp=state)
+    checkpoint.write(tmp_path / "c.h5", snap)
+    back = checkpoint.read(tmp_path / "c.h5").amp
+    _, _, fresh = setup(world, reduced=True)
+    fresh.scaler = torch.amp.GradScaler("cpu", growth_interval=3)
+    assert fresh.load_state_dict(back) is True
+    twin, twin_opt, _ = setup(world, reduced=True)
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(opt.state_dict())
+    for poison in (False, True, False):  # grows at the first step (3rd good one), then backs off
+        backward(model, prec, poison)
+        backward(twin, fresh, poison)
+        assert prec.step(opt) == fresh.step(twin_opt)
+        assert prec.scaler.get_scale() == fresh.scaler.get_scale()
+    assert prec.scaler.get_scale() == 2.0**9  # grew to 2**10, backed off to 2**9
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert Precision("bf16", torch.device("cpu"), world, reduced=True).state_dict() == {}
+    assert fresh.load_state_dict({}) is False  # a checkpoint without it: a fresh scale

@@ -84,9 +84,13 @@ class Sign:
         self.residual.copy_(acc - torch.where(positive, scale, -scale))
         bits = torch.from_numpy(np.packbits(positive.cpu().numpy()))
         all_bits = self.world.allgather_tensor(bits).cpu().numpy()
-        scales = self.world.allgather_tensor(scale.reshape(1).float()).reshape(-1, 1)
-        signs = torch.from_numpy(np.unpackbits(all_bits, axis=1, count=grad.numel())).to(grad.device)
-        grad.copy_((scales.to(grad.device) * (signs.to(grad.dtype) * 2 - 1)).sum(0))
+        scales = self.world.allgather_tensor(scale.reshape(1).float()).reshape(-1).tolist()
+        # sum_i s_i (2 b_i - 1) = sum_i 2 s_i b_i - sum_i s_i, one rank's bits at a time
+        # (no ranks x values temporaries)
+        grad.fill_(-sum(scales))
+        for s, row in zip(scales, all_bits):
+            b = torch.from_numpy(np.unpackbits(row, count=grad.numel())).to(grad.device, grad.dtype)
+            grad.add_(b, alpha=2 * s)
 
 
 class PowerSGD:
