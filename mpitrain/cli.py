@@ -227,11 +227,11 @@ def main(argv=None) -> None:
     log = world.logger()
 
     def leave(code: int) -> None:  # every rank leaves the same way: no watchdog thread in Finalize
-        dog.stop()
+        dog.stop(leaving=True)
         exit_cleanly(code)
     try:
         _run(args, world, log)
-        dog.close()
+        dog.close(leaving=True)  # then MPI_Finalize (at exit), still under the C-level backstop
     except Stopped as e:  # every rank agreed to stop and the checkpoint is written
         if world.is_root:
             log.warning(str(e))

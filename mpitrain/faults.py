@@ -109,7 +109,8 @@ def inject_straggler(world, cfg_train, t_compute: float) -> None:
 
 
 PHASES = ("start-up", "loading data", "resuming", "training", "evaluation", "checkpoint", "teardown")
-# for the failure tests: MPITRAIN_INJECT_FAULT="PHASE:RANK" raises on that rank when it enters PHASE
+# for the failure tests: MPITRAIN_INJECT_FAULT="PHASE:RANK" raises on that rank when it enters PHASE;
+# "exit:RANK" stops that rank (SIGSTOP) as it leaves, after its watchdog thread has ended
 INJECT = os.environ.get("MPITRAIN_INJECT_FAULT", "")
 _DOG: "Watchdog | None" = None
 
@@ -256,16 +257,24 @@ class Watchdog:
         print(f"mpitrain: watchdog on {who}: {why}; aborting (exit {EXIT_HANG})", file=sys.stderr, flush=True)
         abort_job(EXIT_HANG)
 
-    def stop(self) -> None:
-        """Stop the thread (local; before leaving without the others, e.g. MPI_Finalize)."""
+    def stop(self, leaving: bool = False) -> None:
+        """Stop the thread (local; e.g. before MPI_Finalize). `leaving`: the process is about
+        to exit; the C-level backstop stays armed for the last collective steps (freeing the
+        heartbeat, MPI_Finalize), where a peer stopped or dead would otherwise hang this rank
+        forever: after 2 x timeout + 10 s it exits with a traceback and the launcher ends the job."""
         self._stop.set()
         self._thread.join()
-        faulthandler.cancel_dump_traceback_later()
+        if leaving:
+            self._arm()
+            if INJECT and self.world is not None and INJECT == f"exit:{self.world.rank}":
+                os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            faulthandler.cancel_dump_traceback_later()
 
-    def close(self) -> None:
-        """Collective."""
+    def close(self, leaving: bool = False) -> None:
+        """Collective. `leaving`: see stop."""
         global _DOG
-        self.stop()
+        self.stop(leaving)
         if _DOG is self:
             _DOG = None
         if self.heart is not None:

@@ -604,6 +604,34 @@ def test_watchdog_names_a_rank_stopped_during_start_up(tmp_path, digits, mpirun)
 
 
 @pytest.mark.timeout(300)
+def test_a_rank_stopped_while_leaving_does_not_hang_the_job(tmp_path, digits, mpirun):
+    """Training done, watchdog threads ended, then rank 1 is stopped (MPITRAIN_INJECT_FAULT
+    "exit:1": it SIGSTOPs itself): rank 0 would wait in the last collectives (heartbeat
+    free, MPI_Finalize) forever; the C-level backstop ends it after 2 x 2 + 10 s and the
+    launcher ends the job."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    mpirun.env["MPITRAIN_INJECT_FAULT"] = "exit:1"
+    t0 = time.monotonic()
+    try:
+        r = mpirun(2, *_train_args(digits, run, "--set", "train.watchdog_s=2"), timeout=120)
+    finally:
+        del mpirun.env["MPITRAIN_INJECT_FAULT"]
+        for pid in _rank_pids(run):  # whatever happened: no stopped process left behind
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+    took = time.monotonic() - t0
+    assert (run / "metrics.jsonl").read_text().strip(), r.stderr[-2000:]  # it trained and wrote its rows
+    assert r.returncode != 0 and "Timeout (0:00:14)!" in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert took < 90, took
+
+
+@pytest.mark.timeout(300)
 def test_long_evaluation_does_not_trip_the_watchdog(tmp_path, mpirun):
     """A 5 s watchdog; evaluating 300k samples on a 1M-parameter MLP takes longer, but every
     batch evaluated counts as progress (and ranks that finish first wait on it)."""
