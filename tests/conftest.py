@@ -114,6 +114,22 @@ def run_digits(world, shared_tmp, digits_h5, make_cfg):
     return run
 
 
+@pytest.fixture(scope="session")
+def wait_for():
+    """wait_for(pred, timeout, what): poll pred every 0.2 s; seconds it took, or an
+    AssertionError naming `what` after `timeout` s (for jobs and files of other processes)."""
+    import time
+
+    def wait(pred, timeout, what):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if pred():
+                return time.monotonic() - t0
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return wait
+
+
 # -- launched jobs (pytest -m launcher) -----------------------------------------------------
 
 class Launcher:

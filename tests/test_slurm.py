@@ -104,17 +104,8 @@ def test_bad_config_fails_fast_without_requeue(slurm, tmp_path):
     assert errors == ["mpitrain: error: jobs/digits.toml (with --set): train.epochs: expected a value > 0, got -1"]
 
 
-def wait_for(pred, timeout, what):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.timeout(900)
-def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
+def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path, wait_for):
     """USR1 to the batch shell (what --signal=B:USR1 sends) -> checkpoint, exit 75, requeue;
     the second run resumes from the checkpoint and ends where an uninterrupted run ends,
     with the same parameters."""

@@ -52,8 +52,8 @@ class VCluster:
     """sbatch / scontrol against the virtual cluster, from the repository root; job logs go
     to the test's shared folder (not runs/slurm-*.out: job ids restart at 1 on every `up`)."""
 
-    def __init__(self, root: Path, shared: Path):
-        self.root, self.shared = root, shared
+    def __init__(self, root: Path, shared: Path, wait_for):
+        self.root, self.shared, self.wait_for = root, shared, wait_for
 
     def env(self, **more) -> dict:
         return dict(os.environ, PYTHONPATH=str(self.shared / "site"), **more)
@@ -68,7 +68,7 @@ class VCluster:
         assert r.returncode == 0 and job, f"sbatch failed (exit {r.returncode}): {r.stderr}"
         if not wait:
             return job, None
-        wait_for(lambda: self.job_info(job).get("JobState") in ENDED, timeout, f"job {job} to end")
+        self.wait_for(lambda: self.job_info(job).get("JobState") in ENDED, timeout, f"job {job} to end")
         return job, int(self.job_info(job)["ExitCode"].split(":")[0])
 
     @staticmethod
@@ -85,7 +85,7 @@ class VCluster:
 
 
 @pytest.fixture(scope="module")
-def vc(repo_root):
+def vc(repo_root, wait_for):
     conf = os.environ.get("SLURM_CONF", "")
     if not conf or "ClusterName=mpitrain-vc" not in Path(conf).read_text():
         pytest.fail("SLURM_CONF is not the virtual cluster's: run `bash scripts/vcluster.sh up --nodes 2 "
@@ -98,8 +98,8 @@ def vc(repo_root):
     (shared / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     subprocess.run([sys.executable, "-m", "mpitrain", "data", "digits", "--out", str(shared / "digits.h5")],
                    cwd=repo_root, check=True, capture_output=True, timeout=120)
-    yield VCluster(repo_root, shared)
-    if not os.environ.get("MPITRAIN_KEEP"):
+    yield VCluster(repo_root, shared, wait_for)
+    if not os.environ.get("MPITRAIN_KEEP"):  # MPITRAIN_KEEP=1: keep the logs and runs to look at
         shutil.rmtree(shared, ignore_errors=True)
 
 
@@ -119,15 +119,6 @@ def ranks_by_node(log: str) -> dict:
     for rank, host in re.findall(r"\[vcluster-test\] rank (\d+) on ([A-Za-z0-9.-]+)", log):
         where.setdefault(host, set()).add(int(rank))
     return where
-
-
-def wait_for(pred, timeout, what):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.mark.timeout(240)
@@ -220,11 +211,11 @@ def test_rank_killed_on_second_node_ends_job_and_rerun_resumes(vc, launch):
                                      "--set train.slowdown_factor=10")}
     args = ["--nodes=2", "--ntasks-per-node=2"]
     job, _ = vc.sbatch("jobs/digits.sbatch", env, args=args, wait=False)
-    wait_for(lambda: list(run.glob("ckpt-*.h5")), 120, "the first checkpoint" + vc.tail(job))
+    vc.wait_for(lambda: list(run.glob("ckpt-*.h5")), 120, "the first checkpoint" + vc.tail(job))
     victims = ranks_in("vn2")
     assert len(victims) == 2, (victims, vc.tail(job))
     os.kill(victims[0], signal.SIGKILL)
-    took = wait_for(lambda: vc.job_info(job).get("JobState") not in ("RUNNING", "COMPLETING", None), 30,
+    took = vc.wait_for(lambda: vc.job_info(job).get("JobState") not in ("RUNNING", "COMPLETING", None), 30,
                     f"job {job} to end after kill -9 of a rank on vn2" + vc.tail(job))
     info = vc.job_info(job)
     assert info["JobState"] == "FAILED", (info, vc.tail(job))
@@ -254,21 +245,21 @@ def test_preemption_cycle_on_two_nodes(vc):
     slow = "--set train.slowdown_rank=3 --set train.slowdown_factor=10"  # a rank on vn2; no arithmetic change
     args = ["--nodes=2", "--ntasks-per-node=2"]
     job, _ = vc.sbatch("jobs/digits.sbatch", short(vc, run, steps, slow), args=args, wait=False)
-    wait_for(lambda: list(run.glob("ckpt-*.h5")), 120, "the first checkpoint" + vc.tail(job))
+    vc.wait_for(lambda: list(run.glob("ckpt-*.h5")), 120, "the first checkpoint" + vc.tail(job))
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    wait_for(lambda: vc.job_info(job).get("JobState") == "PENDING", 60, "the requeue" + vc.tail(job))
+    vc.wait_for(lambda: vc.job_info(job).get("JobState") == "PENDING", 60, "the requeue" + vc.tail(job))
     info, log = vc.job_info(job), vc.log_of(job)
     assert info["Restarts"] == "1", (info, vc.tail(job))
     stopped = int(re.search(r"stopped by SIGUSR1 after step (\d+)", log).group(1))
     assert 0 < stopped < 80 and (run / f"ckpt-{stopped:09d}.h5").is_file(), vc.tail(job)
-    wait_for(lambda: not subprocess.run(["squeue", "-h", "-s", "-j", job], capture_output=True,
+    vc.wait_for(lambda: not subprocess.run(["squeue", "-h", "-s", "-j", job], capture_output=True,
                                         text=True).stdout.strip(), 60, "the old job step to end")
     assert not ranks_in("vn1") and not ranks_in("vn2"), "ranks left running after the checkpointed stop"
     # slurmd revoked the old run's credential with a time in whole seconds: a run of the same
     # job id started in that second is refused ("Job credential revoked")
     time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # not in ~2 min
-    wait_for(lambda: vc.job_info(job).get("JobState") in ENDED, 240, "the requeued run" + vc.tail(job))
+    vc.wait_for(lambda: vc.job_info(job).get("JobState") in ENDED, 240, "the requeued run" + vc.tail(job))
     log = vc.log_of(job)
     assert vc.job_info(job)["JobState"] == "COMPLETED", vc.tail(job)
     assert f"resuming from step {stopped}" in log and "restart 1:" in log, vc.tail(job)
@@ -286,7 +277,7 @@ def test_preemption_cycle_on_two_nodes(vc):
 def test_second_up_with_other_settings_while_a_job_runs_is_refused(vc):
     job, _ = vc.sbatch("--wrap=sleep 60", wait=False)  # a job that runs while `up` is asked to change
     try:
-        wait_for(lambda: vc.job_info(job).get("JobState") == "RUNNING", 30, f"job {job} to start")
+        vc.wait_for(lambda: vc.job_info(job).get("JobState") == "RUNNING", 30, f"job {job} to start")
         r = subprocess.run(["bash", "scripts/vcluster.sh", "up", "--nodes", "3"], cwd=vc.root,
                            capture_output=True, text=True, timeout=90)
         assert r.returncode == 1, r
