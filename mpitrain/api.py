@@ -2,38 +2,49 @@
 
     world = mpitrain.init()
     model, optimizer = mpitrain.distribute(model, optimizer, strategy="local_sgd", period=4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)  # takes it directly
     data = mpitrain.Loader("data/digits/digits.h5", world, batch_size=32)
     for epoch in range(epochs):
         for x, y in data.epoch(epoch):
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()    # the mean over this rank's batch
-            optimizer.step()                           # reduce / push, step, average / pull
-        with optimizer.consolidated():                 # the model to evaluate or save
+            optimizer.backward(F.cross_entropy(model(x), y))  # the mean over this rank's batch
+            optimizer.step()                                  # reduce / push, step, average / pull
+            schedule.step()
+        with optimizer.consolidated():                        # the model to evaluate
             ...
-    mpitrain.save("ckpt.h5", model, optimizer, step=...)
-    optimizer.close()                                  # Collective
+        mpitrain.save(f"ckpt-{epoch}.h5", model, optimizer, epoch=epoch + 1)  # Collective
+    optimizer.close()                                         # Collective
 
-Any registered strategy works; its options are keyword arguments (validated like the
-`[sync.<strategy>]` table of a job file). Losses are the mean over each rank's own batch,
-as with DDP: where a strategy combines the ranks' gradients, every gradient is divided by
-the number of ranks on its way (a tensor hook), so the sum over ranks is the global mean.
+`distribute` returns the user's optimizer as an instance of a subclass of its own class
+(`isinstance(optimizer, torch.optim.SGD)` holds; state_dict, param_groups and LR schedulers
+work as before) whose step is mpitrain's one training step (mpitrain/step.py): the same
+step `mpitrain train` takes, with its options as keyword arguments (accumulate, clip_norm,
+precision, on_nonfinite), validated like a job file's. `optimizer.backward(loss)` replaces
+`loss.backward()`: it weights the loss for the strategy (losses are the mean over each
+rank's own batch, as with DDP), scales it for fp16 and holds the reduction back until the
+last of `accumulate` micro-batches. Any registered strategy works; its options are keyword
+arguments (validated like the `[sync.<strategy>]` table of a job file). `save` and
+`restore` are the command line's checkpoints: a checkpoint of your loop resumes under
+`mpitrain train` and the other way round.
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import __version__, checkpoint
+from . import state
 from .comm import World
+from .config import OptimCfg, TrainCfg
 from .data import hdf5
 from .data.sampler import DistributedSampler
 from .errors import UserError
 from .options import build
+from .precision import Precision
+from .step import Step, to_device
 from .sync.helpers import average_buffers
-from .train import to_device
 
 _WORLD: World | None = None
 
@@ -47,62 +58,130 @@ def init() -> World:
 
 
 class DistributedOptimizer:
-    """The user's optimizer with a strategy around its step. Collective to `close`."""
+    """Mixed into the user's optimizer class by `distribute`: its `step` is mpitrain's
+    training step. Collective: `step` (lockstep strategies), `consolidated`, `close`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, strategy, world, resources: contextlib.ExitStack,
-                 model: torch.nn.Module | None = None):
-        self.optimizer, self.strategy, self.world, self.model = optimizer, strategy, world, model
-        self._resources = resources
-        self.steps = 0
+    _mt_step: Step
+    _mt_resources: contextlib.ExitStack
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+    def _mt_check(self, what: str) -> None:
+        if self._mt_closed:
+            raise UserError(f"optimizer.{what}() after optimizer.close(): distribute() the model and optimizer again")
 
-    def step(self) -> None:
-        """Collective (for lockstep strategies): reduce or push the gradients, step the
-        optimizer, then average or pull parameters as the strategy does."""
-        self.strategy.after_backward(self.steps)
-        self.optimizer.step()
-        self.strategy.after_step(self.steps)
-        self.steps += 1
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (restored by mpitrain.restore)."""
+        return self._mt_step.steps
+
+    @property
+    def strategy(self):
+        return self._mt_step.strategy
+
+    @property
+    def world(self) -> World:
+        return self._mt_step.world
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (the mean over this rank's batch), weighted for
+        the strategy and scaled for fp16; the reduction waits for the last of `accumulate`."""
+        self._mt_check("backward")
+        k = self._mt_accumulate
+        if self._mt_calls == k:
+            raise UserError(f"optimizer.backward() called {k + 1} times before optimizer.step() with accumulate={k}")
+        self._mt_calls += 1
+        self._mt_loss = self._mt_loss + loss.detach().float()
+        self._mt_step.backward(loss, self._mt_step.weight(self._mt_step.world.size * k), last=self._mt_calls == k)
+
+    def step(self, closure=None):
+        """Collective (lockstep strategies): after `accumulate` backward calls: agree on a
+        non-finite loss (stop or skip), reduce or push the gradients, clip, step, then
+        average or pull parameters as the strategy does."""
+        if self._mt_inner:  # the precision step calls the optimizer's own step: the base class's
+            return super().step(closure)
+        self._mt_check("step")
+        if closure is not None:
+            raise UserError("optimizer.step(closure): closures are not supported by mpitrain's step")
+        calls, k = self._mt_calls, self._mt_accumulate
+        if calls < k:
+            raise UserError(f"optimizer.step() after {calls} of accumulate={k} optimizer.backward(loss) calls"
+                            + (" (call optimizer.backward(loss), not loss.backward(): it weights the loss for "
+                               "the ranks, scales it for fp16 and times the reduction)" if calls == 0 else ""))
+        loss = self._mt_loss.item() if torch.is_tensor(self._mt_loss) else float(self._mt_loss)
+        self._mt_calls, self._mt_loss, self._mt_inner = 0, 0.0, True
+        try:
+            self._mt_step.finish(loss, 0)
+        finally:
+            self._mt_inner = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._mt_check("zero_grad")
+        if self._mt_calls:
+            raise UserError(f"optimizer.zero_grad() after {self._mt_calls} optimizer.backward() call(s) and before "
+                            "optimizer.step(): it would drop those gradients (and leave a reduction half done)")
+        super().zero_grad(set_to_none=False)
 
     def consolidated(self):
         """Collective: within the block the local model is the one to evaluate or save."""
-        if self.model is not None:
-            average_buffers(self.model, self.world)  # BatchNorm statistics: one model everywhere
-        return self.strategy.consolidated()
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+        self._mt_check("consolidated")
+        average_buffers(self._mt_step.model, self._mt_step.world)  # BatchNorm statistics: one model everywhere
+        return self._mt_step.strategy.consolidated()
 
     def close(self) -> None:
         """Collective: release the strategy's threads, windows and communicators."""
-        self._resources.close()
+        if not self._mt_closed:
+            self._mt_closed = True
+            self._mt_resources.close()
+
+
+def _distributed(optimizer: torch.optim.Optimizer, step: Step, resources, accumulate: int):
+    """The user's optimizer as an instance of DistributedOptimizer + its own class, sharing
+    its state, parameter groups and hooks (an LR scheduler made on the original before
+    would step the original: make schedulers after distribute)."""
+    base = type(optimizer)
+    cls = type(base.__name__, (DistributedOptimizer, base), {"__module__": base.__module__,
+                                                            "__doc__": base.__doc__})
+    opt = cls.__new__(cls)
+    opt.__dict__.update({k: v for k, v in optimizer.__dict__.items() if k not in ("step", "zero_grad")})
+    opt._mt_step, opt._mt_resources, opt._mt_accumulate = step, resources, accumulate
+    opt._mt_calls, opt._mt_loss, opt._mt_inner, opt._mt_closed = 0, 0.0, False, False
+    step.optimizer = opt
+    return opt
 
 
 def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "allreduce", *,
-               world: World | None = None, log=None, **options) -> tuple[torch.nn.Module, DistributedOptimizer]:
+               world: World | None = None, log=None, accumulate: int = 1, clip_norm: float = 0.0,
+               precision: str = "fp32", on_nonfinite: str = "stop", **options):
     """Collective: make `model` and `optimizer` train data-parallel with `strategy`
-    (rank 0's parameters are broadcast). Options are the strategy's own, e.g. period=4."""
+    (rank 0's parameters are broadcast). Returns (model, the optimizer as a
+    DistributedOptimizer of its own class). Options are the strategy's own, e.g. period=4;
+    accumulate, clip_norm, precision and on_nonfinite are train.* / optim.clip_norm."""
     from .sync import REGISTRY
     from .sync.base import ROLES
 
     world = world or init()
     if strategy not in REGISTRY:
         raise UserError(f"strategy: unknown strategy {strategy!r} (known: {', '.join(sorted(REGISTRY))})")
+    if isinstance(optimizer, DistributedOptimizer):
+        raise UserError("distribute(): this optimizer is distributed already")
     if ROLES.get(strategy) and options.get("servers"):
         raise UserError(f"strategy {strategy!r} with dedicated servers needs the job runner (mpitrain train)")
     cls = REGISTRY[strategy]
     opts = build(cls.Options, options, "distribute()", f"sync.{strategy}")
-    if cls.sums_gradients and world.size > 1:  # the ranks' SUM of local-mean gradients / N = the global mean
-        for p in model.parameters():
-            if p.requires_grad:
-                p.register_hook(lambda g, n=world.size: g / n)
+    t = build(TrainCfg, {"accumulate": accumulate, "precision": precision, "on_nonfinite": on_nonfinite},
+              "distribute()", "train")
+    clip = build(OptimCfg, {"clip_norm": clip_norm}, "distribute()", "optim").clip_norm
+    device = next(model.parameters()).device
+    if t.precision == "fp16" and device.type != "cuda":
+        raise UserError("distribute(): precision = 'fp16' needs a model on a GPU; on CPUs use 'bf16'")
+    if device.type == "cuda" and cls.remote_update:
+        raise UserError(f"distribute(): strategy {strategy!r} keeps the parameters in host RMA windows: "
+                        "keep the model on the CPU")
     resources = contextlib.ExitStack()
     strat = world.agree(cls, opts, world, log)
     strat.setup(model, optimizer, resources)
-    return model, DistributedOptimizer(optimizer, strat, world, resources, model)
+    step = Step(model, optimizer, strat, Precision(t.precision, device, world, reduced=cls.sums_gradients), world,
+                clip_norm=clip, on_nonfinite=t.on_nonfinite, log=log)
+    return model, _distributed(optimizer, step, resources, t.accumulate)
 
 
 class Loader:
@@ -133,54 +212,33 @@ class Loader:
             yield to_device(self.data.take(batch.indices), self.device)
 
 
-def save(path: str, model: torch.nn.Module, optimizer: DistributedOptimizer, *, step: int = 0,
-         epoch: int = 0) -> None:
-    """Collective: an mpitrain checkpoint (HDF5, atomic, checksummed) of the consolidated
-    model, rank 0's optimizer state and the strategy's state; rank 0 writes it."""
-    from pathlib import Path
-
-    from .state import optimizer_arrays
-    from .sync import Stateful
-
-    world, strategy = optimizer.world, optimizer.strategy
-    average_buffers(model, world)
-    with strategy.consolidated():
-        sstate = strategy.state_dict() if isinstance(strategy, Stateful) else {}
-        rng = world.gather(torch.get_rng_state().numpy())
-        snap = None
-        if world.is_root:
-            snap = checkpoint.Snapshot(
-                step=step, epoch=epoch, samples_in_epoch=0, world_size=world.size, strategy=strategy.name,
-                model_name="api", config="", model={k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
-                **optimizer_arrays(optimizer.optimizer), strategy_state=sstate, rng=np.stack(rng),
-                mpitrain_version=__version__)
-        world.on_root(_write, Path(path), snap)
+def _ours(model: torch.nn.Module, optimizer) -> Step:
+    if not isinstance(optimizer, DistributedOptimizer):
+        raise UserError("expected the optimizer that mpitrain.distribute() returned")
+    optimizer._mt_check("save/restore")
+    if model is not optimizer._mt_step.model:
+        raise UserError("the model is not the one distributed with this optimizer")
+    return optimizer._mt_step
 
 
-def _write(path, snap):
-    try:
-        checkpoint.write(path, snap)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write checkpoint: {e.strerror or e}") from None
+def save(path: str, model: torch.nn.Module, optimizer: DistributedOptimizer, *, step: int | None = None,
+         epoch: int = 0, samples_in_epoch: int = 0) -> str:
+    """Collective: an mpitrain checkpoint (HDF5, atomic, checksummed; the command line's
+    format and writer, state.save) of model, optimizer, strategy, precision and every
+    rank's random state at `step` (default: the steps taken); rank 0 writes it."""
+    s = _ours(model, optimizer)
+    pos = state.Position(s.steps if step is None else step, epoch, samples_in_epoch)
+    return state.save(Path(path), s, pos, {})
 
 
 def restore(path: str, model: torch.nn.Module, optimizer: DistributedOptimizer) -> int:
-    """Collective: load what `save` wrote (verified first) into the model, the optimizer
-    and the strategy, at any world size; returns the saved step."""
-    from pathlib import Path
-
-    from .state import load_optimizer
-    from .sync import Stateful
-
-    world = optimizer.world
-    snap = world.agree(checkpoint.read, Path(path))
-    try:
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in snap.model.items()})
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"{path}: does not fit this model: {e}") from None
-    if snap.optimizer_state or snap.param_groups:
-        world.agree(load_optimizer, optimizer.optimizer, snap.optimizer_state, snap.param_groups)
-    if isinstance(optimizer.strategy, Stateful):
-        optimizer.strategy.load_state_dict(snap.strategy_state)
-    optimizer.steps = snap.step
-    return snap.step
+    """Collective: load a checkpoint (this API's or `mpitrain train`'s, verified first) into
+    the model, the optimizer, the strategy and the random generators, at any world size;
+    returns the saved step."""
+    s = _ours(model, optimizer)
+    tree = state.load(path, s.world)
+    s.world.agree(state.check_position, tree, s.precision.device)
+    pos = s.world.agree(state.restore, s, tree)
+    state.restore_strategy(s, tree)
+    state.restore_rng(tree, s.world.rank, s.precision.device)
+    return pos.step

@@ -3,9 +3,9 @@
 Collective. On the job's model, data, loss, optimizer (and LR schedule, clipping, gradient
 accumulation) and per-rank batch B, in one invocation:
 
-- mpitrain: the step of `mpitrain train` (train.forward_backward, train.agree_flags, the
-  strategy's after_backward / after_step, the optimizer and schedule steps) on a Job made
-  by train.build, once per precision (`--set train.precision=...`: one Job each), batches
+- mpitrain: the step of `mpitrain train` (the Job's step.Step: forward and backward of the
+  micro-batches, the agreement, the strategy's after_backward / after_step, the optimizer
+  and schedule steps) on a Job made by train.build, once per precision (`--set train.precision=...`: one Job each), batches
   from the Job's sampler in order, across epochs;
 - one process: rank 0 alone, on all the cores the job has on its node, the same model
   (a copy of the Job's initial one) and optimizer on the global batch G = N * B of each
@@ -44,6 +44,7 @@ from .data.sampler import DistributedSampler
 from .errors import AgreedError, UserError
 from .faults import collective_cleanup, stop_flag
 from .models import build_optimizer, build_schedule, model_id
+from .step import micro_batches, to_device
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 GOAL_SINGLE, GOAL_DDP = 1.5, 0.8
@@ -231,7 +232,7 @@ def _report(variants, rounds, steps_per_epoch: int, steps: int) -> None:
 def _groups(sampler, accumulate: int):
     """This rank's steps (groups of sampler batches), epoch after epoch."""
     for epoch in itertools.count():
-        yield from train.micro_batches(sampler.epoch(epoch), accumulate)
+        yield from micro_batches(sampler.epoch(epoch), accumulate)
 
 
 def _global_groups(sampler, accumulate: int):
@@ -241,29 +242,22 @@ def _global_groups(sampler, accumulate: int):
              for r in range(sampler.size)]
     for epoch in itertools.count():
         joined = (np.concatenate([b.indices for b in shares]) for shares in zip(*(s.epoch(epoch) for s in ranks)))
-        yield from train.micro_batches(joined, accumulate)
+        yield from micro_batches(joined, accumulate)
 
 
 def _mpitrain_step(job):
-    """One optimizer step as train.loop takes it (without checkpoints, metrics, progress)."""
-    cfg, optimizer, strategy = job.cfg, job.optimizer, job.strategy
-    stop, counter = stop_flag(), itertools.count()
+    """One optimizer step as train.loop takes it: the Job's Step (without checkpoints,
+    metrics, progress)."""
+    stop = stop_flag()
 
     def step(group) -> int:
-        k = next(counter)
-        optimizer.zero_grad(set_to_none=False)
         count = sum(b.global_count for b in group)
-        loss, _ = train.forward_backward(job, group, count)
-        signum, nonfinite = train.agree_flags(job, stop, loss, k)
-        if signum:  # every rank has it (agreed): leave cleanly with 128 + signal
-            err = AgreedError(f"bench e2e: stopped by {signal.Signals(signum).name} (nothing written)")
-            err.exit_code = 128 + signum
+        out = job.step([lambda b=b: to_device(job.train_split.take(b.indices), job.device) for b in group], count,
+                       stop)
+        if out.signum:  # every rank has it (agreed): leave cleanly with 128 + signal
+            err = AgreedError(f"bench e2e: stopped by {signal.Signals(out.signum).name} (nothing written)")
+            err.exit_code = 128 + out.signum
             raise err
-        if not nonfinite:
-            strategy.after_backward(k)
-            job.precision.step(optimizer, cfg.optim.clip_norm)  # clipping, then the optimizer
-            strategy.after_step(k)
-        job.schedule.step()
         return count
     return step
 

@@ -1,26 +1,31 @@
-"""HDF5 checkpoints: atomic, checksummed, world-size independent, never pickled.
+"""HDF5 checkpoint files: a tree of component state_dicts, atomic, checksummed, world-size
+independent, never pickled. No MPI here (state.py is the collective part).
 
-Layout (`h5ls -r` shows it):
-    /                attrs: format, format_version, mpitrain_version, step, epoch,
-                     samples_in_epoch, world_size, strategy, model, config (TOML), created
-    /model/<name>    parameters and buffers (state_dict names)
-    /optimizer/state/<param index>/<key>, attrs param_groups (JSON)
-    /strategy/<key>  strategy state (BMUF/EASGD center, parameter-store optimizer state,
-                     PowerSGD's Q)
-    /rng/torch_cpu   (ranks, n) uint8: every rank's torch CPU generator state
-    /rng/torch_cuda  (ranks, m) uint8: every rank's CUDA generator state (GPU jobs only)
-    /amp/scale, /amp/growth_tracker  fp16 loss scaling (fp16 jobs only; the same on every rank)
-    /ranks/<r>/<key> (strategies whose replicas differ) every rank's own state before the
-                     checkpoint consolidated it: param.<name>, optim.<index>.<key>, strategy.<key>;
-                     and/or rank.<key>: per-rank strategy state (compression residuals)
+A checkpoint is a tree: groups are components, arrays are datasets, strings and plain
+numbers are attributes. Format version 2 (`h5ls -r` shows it):
+
+    /                 attrs: format, format_version, mpitrain_version, created
+    /meta             attrs: world_size, strategy, model, config (TOML), replicas_differ
+    /position         attrs: step, epoch, samples_in_epoch
+    /model/<name>     parameters and buffers (state_dict names)
+    /optim/state/<param index>/<key>, attrs: param_groups (JSON)
+    /strategy/...     the strategy's state_dict (e.g. BMUF/EASGD center, PowerSGD's Q)
+    /precision/...    fp16 loss scaling (scale, growth_tracker), fp16 jobs only
+    /ranks/<r>/rng/torch_cpu, torch_cuda   every rank's random generators
+    /ranks/<r>/replica/{model,optim,strategy}  where replicas differ (local steps): every
+                      rank's own state as it was before the checkpoint consolidated it
+    /ranks/<r>/strategy/...  per-rank strategy state (compression's error feedback): fits
+                      only the world size it was written at
+
 Every dataset carries a `crc32` attribute over its bytes, and the file ends with a trailer
-`\nmpitrain-sha256 <64 hex>\n` over all the bytes before it (HDF5 ignores bytes past its
+`\\nmpitrain-sha256 <64 hex>\\n` over all the bytes before it (HDF5 ignores bytes past its
 end of file), so attributes and metadata are covered too: a file is verified with plain
 reads *before* HDF5 parses it (h5py can crash on corrupted metadata), and then parsed from
 the verified bytes in memory. A checkpoint is written by rank 0 to `ckpt-<step>.h5.tmp`,
 flushed, fsync'ed and renamed to `ckpt-<step>.h5` (atomic on POSIX), then all but the
-newest `output.keep` are removed. Loading reads arrays only (numpy, JSON, TOML): nothing
-in a checkpoint can execute code.
+newest `output.keep` are removed. Loading reads arrays, strings and numbers only: nothing
+in a checkpoint can execute code. Format version 1 (mpitrain before the tree) still reads:
+`read` maps it onto the tree.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import os
 import re
 import time
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -43,9 +47,11 @@ from .comm import heartbeat
 from .errors import UserError
 
 FORMAT = "mpitrain-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)
+ROOT = ("format", "format_version", "mpitrain_version", "created")  # the file's own attributes, not /meta
 NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
-
+REQUIRED = ("meta", "position", "model", "optim", "ranks/0/rng")  # what every resume needs
 
 CHUNK = 16 * 2**20  # bytes per write (a watchdog tick each)
 TRAILER = b"\nmpitrain-sha256 "
@@ -76,71 +82,60 @@ def crc(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1)) & 0xFFFFFFFF
 
 
-@dataclass
-class Snapshot:
-    """What a checkpoint holds, as plain arrays and scalars."""
-
-    step: int
-    epoch: int
-    samples_in_epoch: int
-    world_size: int
-    strategy: str
-    model_name: str
-    config: str
-    model: dict[str, np.ndarray]
-    optimizer_state: dict[str, dict[str, np.ndarray]]
-    param_groups: list[dict]
-    strategy_state: dict[str, np.ndarray]
-    rng: np.ndarray  # (ranks, n) uint8
-    rank_state: list[dict[str, np.ndarray]] = field(default_factory=list)  # every rank's own, or none
-    cuda_rng: np.ndarray | None = None  # (ranks, m) uint8, GPU jobs
-    amp: dict[str, np.ndarray] = field(default_factory=dict)  # fp16 loss scaling (precision.Precision)
-    mpitrain_version: str = __version__
+def _put_tree(g: h5py.Group, tree: dict) -> None:
+    """dicts as groups, strings / bools / ints / floats as attributes, the rest as arrays."""
+    for k, v in tree.items():
+        k = str(k)
+        if isinstance(v, dict):
+            _put_tree(g.create_group(k), v)
+        elif isinstance(v, (str, bool, int, float)):
+            g.attrs[k] = v
+        else:
+            heartbeat.tick()
+            a = np.asarray(v)
+            d = g.create_dataset(k, data=a)
+            d.attrs["crc32"] = crc(a)
 
 
-def _put(g: h5py.Group, name: str, a) -> None:
-    heartbeat.tick()
-    a = np.asarray(a)
-    d = g.create_dataset(name, data=a)
-    d.attrs["crc32"] = crc(a)
+def _get_tree(g: h5py.Group, bad: list) -> dict:
+    """The inverse of _put_tree; datasets whose crc32 does not match are named in `bad`."""
+    out = {k: _plain(v) for k, v in g.attrs.items()}
+    for k, d in g.items():
+        if isinstance(d, h5py.Group):
+            out[k] = _get_tree(d, bad)
+            continue
+        if not isinstance(d, h5py.Dataset):
+            raise UserError(f"{d.name} is not an array")
+        a = d[()]
+        if "crc32" not in d.attrs or crc(np.asarray(a)) != int(d.attrs["crc32"]):
+            bad.append(d.name)
+        out[k] = np.asarray(a)
+    out.pop("crc32", None)
+    return out
 
 
-def write(path: Path, snap: Snapshot) -> float:
-    """Write snap atomically to path (rank 0 only); returns seconds taken."""
+def _plain(v):
+    """An HDF5 attribute as a Python str / bool / int / float."""
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        return v.item()
+    return v
+
+
+def write(path: Path, tree: dict, meta: dict) -> float:
+    """Write the tree (and `meta` as the attributes of /meta) atomically to path (rank 0
+    only); returns seconds taken."""
     t0 = time.perf_counter()
     tmp = path.with_name(path.name + ".tmp")
     # Build the file in memory, then write its bytes with plain POSIX I/O: a full disk is
     # then an ordinary OSError (HDF5 1.10 segfaulted on ENOSPC during close, measured).
     with h5py.File(f"mem-{path.name}", "w", driver="core", backing_store=False) as f:
-        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, mpitrain_version=snap.mpitrain_version,
-                       step=snap.step, epoch=snap.epoch, samples_in_epoch=snap.samples_in_epoch,
-                       world_size=snap.world_size, strategy=snap.strategy, model=snap.model_name,
-                       config=snap.config, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        m = f.create_group("model")
-        for k, v in snap.model.items():
-            _put(m, k, v)
-        o = f.create_group("optimizer")
-        o.attrs["param_groups"] = json.dumps(snap.param_groups)
-        st = o.create_group("state")
-        for idx, entries in snap.optimizer_state.items():
-            g = st.create_group(str(idx))
-            for k, v in entries.items():
-                _put(g, k, v)
-        s = f.create_group("strategy")
-        for k, v in snap.strategy_state.items():
-            _put(s, k, v)
-        g = f.create_group("rng")
-        _put(g, "torch_cpu", snap.rng)
-        if snap.cuda_rng is not None:
-            _put(g, "torch_cuda", snap.cuda_rng)
-        if snap.amp:
-            g = f.create_group("amp")
-            for k, v in snap.amp.items():
-                _put(g, k, v)
-        for r, arrays in enumerate(snap.rank_state):
-            g = f.require_group("ranks").create_group(str(r))
-            for k, v in arrays.items():
-                _put(g, k, v)
+        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, mpitrain_version=__version__,
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _put_tree(f, {"meta": {k: v for k, v in meta.items() if k not in ROOT}} | tree)
         f.flush()
         image = f.id.get_file_image()
     try:
@@ -160,48 +155,102 @@ def write(path: Path, snap: Snapshot) -> float:
     return time.perf_counter() - t0
 
 
-def read(path: Path) -> Snapshot:
-    """Verify the whole file, then load it and verify every array; UserError if anything is
+def read(path: Path) -> dict:
+    """Verify the whole file, then load its tree and verify every array: a dict with
+    "meta" (the root attributes) and the components. UserError, one line, if anything is
     wrong (never a crash: HDF5 only ever sees bytes whose checksum matched)."""
     image = verified_bytes(path)
     try:
         with h5py.File(io.BytesIO(image), "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise UserError(f"{path}: not an mpitrain checkpoint")
-            bad = []
-
-            def arrays(g):
-                out = {}
-                for k, d in g.items():
-                    if not isinstance(d, h5py.Dataset):
-                        raise UserError(f"{path}: {d.name} is not an array")
-                    a = d[()]
-                    if "crc32" not in d.attrs or crc(a) != int(d.attrs["crc32"]):
-                        bad.append(d.name)
-                    out[k] = a
-                return out
-
-            for need in ("model", "optimizer/state", "strategy", "rng/torch_cpu"):
-                if need not in f:
-                    raise UserError(f"{path}: incomplete checkpoint (no {need})")
-            snap = Snapshot(
-                step=int(f.attrs["step"]), epoch=int(f.attrs["epoch"]),
-                samples_in_epoch=int(f.attrs["samples_in_epoch"]), world_size=int(f.attrs["world_size"]),
-                strategy=str(f.attrs["strategy"]), model_name=str(f.attrs["model"]), config=str(f.attrs["config"]),
-                model=arrays(f["model"]),
-                optimizer_state={k: arrays(g) for k, g in f["optimizer/state"].items()},
-                param_groups=json.loads(f["optimizer"].attrs["param_groups"]),
-                strategy_state=arrays(f["strategy"]), rng=arrays(f["rng"])["torch_cpu"],
-                cuda_rng=arrays(f["rng"]).get("torch_cuda"), amp=arrays(f["amp"]) if "amp" in f else {},
-                rank_state=[arrays(f[f"ranks/{r}"]) for r in range(len(f["ranks"]))] if "ranks" in f else [],
-                mpitrain_version=str(f.attrs["mpitrain_version"]))
+            version = int(f.attrs.get("format_version", 0))
+            if version not in READS:
+                raise UserError(f"{path}: checkpoint format version {version}; this mpitrain {__version__} reads "
+                                f"versions {', '.join(map(str, READS))} (written by a newer mpitrain? "
+                                f"it says {_plain(f.attrs.get('mpitrain_version', '?'))})")
+            bad: list[str] = []
+            tree = _get_tree(f, bad) if version == 2 else _from_v1(f, bad)
             if bad:
                 raise UserError(f"{path}: checksum mismatch in {', '.join(bad[:3])}")
-            if not isinstance(snap.param_groups, list) or not all(isinstance(g, dict) for g in snap.param_groups):
-                raise UserError(f"{path}: optimizer param_groups is not a list of tables")
-            return snap
-    except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
+    except UserError as e:
+        raise UserError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    root = {k: tree.pop(k) for k in list(tree) if not isinstance(tree[k], dict)}
+    tree["meta"] = root | tree.get("meta", {})
+    for need in REQUIRED:
+        if lookup(tree, need) is None:
+            raise UserError(f"{path}: incomplete checkpoint: no {need}")
+    _check_shapes(path, tree)
+    return tree
+
+
+def lookup(tree: dict, where: str):
+    """tree["a"]["b"] for "a/b", None where a part is missing."""
+    for part in where.split("/"):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _check_shapes(path, tree: dict) -> None:
+    """The parts the readers index into must have the types they expect."""
+    pos = tree["position"]
+    for k in ("step", "epoch", "samples_in_epoch"):
+        if not isinstance(pos.get(k), int) or isinstance(pos.get(k), bool):
+            raise UserError(f"{path}: position/{k} is not an integer")
+    groups = tree["optim"].get("param_groups", "[]")
+    try:
+        groups = json.loads(groups) if isinstance(groups, str) else None
+    except ValueError:
+        groups = None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise UserError(f"{path}: optim param_groups is not a JSON list of tables")
+    tree["optim"]["param_groups"] = groups
+    ranks = tree["ranks"]
+    if sorted(ranks) != [str(r) for r in range(len(ranks))]:
+        raise UserError(f"{path}: ranks/ holds {sorted(ranks)[:4]}, expected 0..{len(ranks) - 1}")
+    if not isinstance(tree["meta"].get("world_size"), int):
+        raise UserError(f"{path}: meta/world_size is not an integer")
+
+
+def _from_v1(f: h5py.File, bad: list) -> dict:
+    """Format 1 (one flat layout, mpitrain before the tree) as a format-2 tree."""
+    flat = _get_tree(f, bad)  # its root attribute `model` (the model's id) is shadowed by /model
+    rng = flat.get("rng", {})
+    cpu, cuda = rng.get("torch_cpu"), rng.get("torch_cuda")
+    if cpu is None or np.ndim(cpu) != 2:
+        raise UserError("format 1: no rng/torch_cpu (ranks, n)")
+    optim = flat.get("optimizer", {})
+    groups = optim.get("param_groups", "[]")
+    ranks = {}
+    for r in range(len(cpu)):
+        own = {"rng": {"torch_cpu": cpu[r]} | ({"torch_cuda": cuda[r]} if cuda is not None and r < len(cuda) else {})}
+        replica = {"model": {}, "optim": {"state": {}, "param_groups": groups}, "strategy": {}}
+        for k, v in flat.get("ranks", {}).get(str(r), {}).items():
+            kind, _, name = k.partition(".")
+            if kind == "param":
+                replica["model"][name] = v
+            elif kind == "optim":
+                i, _, key = name.partition(".")
+                replica["optim"]["state"].setdefault(i, {})[key] = v
+            elif kind == "strategy":
+                replica["strategy"][name] = v
+            # kind "rank" (format 1's per-rank compression state) is not mapped: it starts afresh
+        if replica["model"]:
+            own["replica"] = replica
+        ranks[str(r)] = own
+    a = {k: _plain(v) for k, v in f.attrs.items()}  # /model and /strategy shadow two of them in `flat`
+    return {"format_version": 1, "mpitrain_version": a.get("mpitrain_version", ""),
+            "meta": {"world_size": a.get("world_size"), "strategy": a.get("strategy", ""),
+                     "model": a.get("model", ""), "config": a.get("config", ""),
+                     "replicas_differ": any("replica" in r for r in ranks.values())},
+            "position": {k: flat.get(k) for k in ("step", "epoch", "samples_in_epoch")},
+            "model": flat.get("model", {}), "optim": {"state": optim.get("state", {}), "param_groups": groups},
+            "strategy": {k: v for k, v in flat.get("strategy", {}).items() if not isinstance(v, dict)},
+            "precision": flat.get("amp", {}), "ranks": ranks}
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -218,7 +267,7 @@ def prune(run_dir: Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def newest_valid(run_dir: Path, log=None) -> tuple[Path, Snapshot] | None:
+def newest_valid(run_dir: Path, log=None) -> tuple[Path, dict] | None:
     """The newest checkpoint that reads and verifies; broken ones are reported and skipped."""
     for p in list_checkpoints(run_dir):
         try:
@@ -239,14 +288,17 @@ def describe(path: str) -> str:
     if not p.is_file():
         raise UserError(f"{p}: no such checkpoint")
     try:
-        snap = read(p)
+        tree = read(p)
     except UserError as e:
         raise UserError(f"INVALID: {e}") from None
+    meta, pos = tree["meta"], tree["position"]
     lines = [f"{p}: valid (whole-file sha256 and every array's crc32 match)",
-             f"  step {snap.step}, epoch {snap.epoch} (+{snap.samples_in_epoch} samples), written at "
-             f"{snap.world_size} ranks by mpitrain {snap.mpitrain_version}",
-             f"  strategy {snap.strategy}, model {snap.model_name}, "
-             f"{sum(a.size for a in snap.model.values()):,} model values"]
+             f"  format {meta.get('format_version')}: step {pos['step']}, epoch {pos['epoch']} "
+             f"(+{pos['samples_in_epoch']} samples), written at {meta.get('world_size')} ranks by mpitrain "
+             f"{meta.get('mpitrain_version')}",
+             f"  strategy {meta.get('strategy')}, model {meta.get('model') or '(Python API)'}, "
+             f"{sum(np.size(a) for a in tree['model'].values()):,} model values; components: "
+             + ", ".join(k for k in tree if k != "meta")]
     with h5py.File(io.BytesIO(verified_bytes(p)), "r") as f:
         def show(name, obj):
             if isinstance(obj, h5py.Dataset):

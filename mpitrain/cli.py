@@ -8,7 +8,7 @@ import sys
 
 from . import __version__
 from .comm.world import LAUNCH
-from .errors import EXIT_USAGE, UserError
+from .errors import EXIT_USAGE, AgreedError, UserError
 from .faults import EXIT_DIVERGED, EXIT_STOPPED, Stopped
 
 
@@ -29,9 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set train.epochs=2")
 
-    c = sub.add_parser("config", help="print the resolved config of a job (validates it)")
-    c.add_argument("job")
+    c = sub.add_parser("config", help="print the resolved config of a job (validates it), or with --keys the "
+                                      "reference of every key")
+    c.add_argument("job", nargs="?", help="job file (not with --keys)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c.add_argument("--keys", action="store_true",
+                   help="print a Markdown reference of every section and key (type, default, allowed values, "
+                        "help), generated from the options' own metadata")
+    c.add_argument("--write", metavar="FILE",
+                   help="with --keys: replace the generated block of FILE (docs/configuration.md) instead of "
+                        "printing")
 
     cp = sub.add_parser("compare", help="train a job under several strategies; table + plots")
     cp.add_argument("spec", help="comparison file, e.g. jobs/compare-digits.toml")
@@ -135,6 +142,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args, world, log) -> None:
+    if args.cmd == "config" and (args.keys or args.write):
+        from . import docs
+
+        if args.job or args.overrides:
+            raise AgreedError("config --keys: the reference of every key takes no job file and no --set")
+        msg = world.on_root(docs.write, args.write) if args.write else world.on_root(docs.reference)
+        if world.is_root:
+            print(msg, end="")
+        return
+    if args.cmd == "config" and not args.job:
+        raise AgreedError("config: give a job file (or --keys for the reference of every key)")
     if args.cmd in ("train", "config"):
         from . import config
 
@@ -157,12 +175,10 @@ def _run(args, world, log) -> None:
         if world.is_root:
             print(msg)
     elif args.cmd == "compare":
-        from . import report
+        from . import compare, report
 
-        from .train import train_each
-
-        spec = world.agree(report.load_compare, args.spec)
-        cfgs = train_each(spec, world, log)
+        spec = world.agree(compare.load_compare, args.spec)
+        cfgs = compare.train_each(spec, world, log)
         if world.is_root:
             print(report.report([str(c.run_dir) for c in cfgs], str(spec.out), spec.target,
                                 f"{spec.title}: {world.size} ranks", spec.metric))

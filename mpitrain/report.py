@@ -1,7 +1,7 @@
 """Strategy comparison: run a job under several strategies, then tabulate and plot.
 
 `mpitrain compare FILE.toml` trains the same base job once per `[[run]]` (in turn, at the
-current world size, with train.train_each) and writes into `out`: table.md, table.csv,
+current world size: compare.py) and writes into `out`: table.md, table.csv,
 <metric>_vs_time.png and <metric>_vs_epoch.png. `mpitrain report RUN_DIR...` rebuilds them
 from existing runs' metrics.jsonl (rank 0 only, no MPI needed). The metric is test_acc
 (higher is better) or test_loss / test_ppl / test_mse (lower is better); the time to target
@@ -14,7 +14,6 @@ import csv
 import json
 import math
 import statistics
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,58 +193,3 @@ def report(run_dirs: list[str], out: str, target: float, title: str = "", metric
     hidden = [f"{r.name}: {r.hidden:.0%} of the gradient reductions ran hidden behind backward"
               for r in runs if r.hidden is not None]
     return "\n".join(["wrote " + ", ".join(str(p) for p in paths), *hidden])
-
-
-# -- compare -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CompareSpec:
-    job: Path
-    out: Path
-    target: float
-    overrides: tuple[str, ...]
-    runs: tuple[tuple[str, tuple[str, ...]], ...]
-    title: str
-    metric: str = "test_acc"
-
-    def run_dir(self, name: str) -> Path:
-        """The folder of run `name`: out/<name, with only safe characters>."""
-        return self.out / "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-")
-
-
-def load_compare(path: str) -> CompareSpec:
-    p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such comparison file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{p}: malformed TOML: {e}") from None
-    known = {"job", "out", "metric", "target", "set", "run", "title"}
-    for k in raw:
-        if k not in known:
-            raise UserError(f"{p}: unknown key {k} (known: {', '.join(sorted(known))})")
-    if not isinstance(raw.get("job"), str):
-        raise UserError(f"{p}: job: expected the base job file (a string)")
-    job = (p.parent / raw["job"]) if not Path(raw["job"]).is_absolute() else Path(raw["job"])
-    metric, target = raw.get("metric", "test_acc"), raw.get("target", 0.97)
-    if why := check_target(metric, target):
-        raise UserError(f"{p}: {why}")
-    runs, names = [], set()
-    for i, r in enumerate(raw.get("run", [])):
-        if not isinstance(r, dict) or not isinstance(r.get("name"), str) or set(r) - {"name", "set"}:
-            raise UserError(f"{p}: run[{i}]: expected a table with name and set")
-        if r["name"] in names:
-            raise UserError(f"{p}: run name {r['name']!r} appears twice")
-        names.add(r["name"])
-        runs.append((r["name"], tuple(_strings(p, f"run[{i}].set", r.get("set", [])))))
-    if not runs:
-        raise UserError(f"{p}: no [[run]] tables")
-    return CompareSpec(job, Path(raw.get("out", f"runs/{p.stem}")), float(target),
-                       tuple(_strings(p, "set", raw.get("set", []))), tuple(runs), str(raw.get("title", p.stem)),
-                       metric)
-
-
-def _strings(p, key, v):
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise UserError(f"{p}: {key}: expected a list of 'section.key=value' strings")
-    return v

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import signal
 import time
@@ -14,17 +12,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import files, state, sync, trace
+from . import checkpoint, files, state, sync, trace
+from .comm import heartbeat
 from .config import Config
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler
 from .errors import UserError
-from .comm import heartbeat
-from .faults import (Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag,
-                     watchdog)
+from .faults import StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag, watchdog
 from .metrics import MetricsLog, check_tensorboard, trim as trim_metrics
 from .models import build_model, build_optimizer, build_schedule, model_id
 from .precision import Precision
+from .step import Step, micro_batches, to_device
 from .sync.helpers import average_buffers
 from .tasks import Metric, build_loss
 
@@ -96,6 +94,7 @@ class Job:
     schedule: torch.optim.lr_scheduler.LRScheduler
     strategy: sync.Strategy
     precision: Precision
+    step: Step  # the training step: the components above, put together
 
 
 def build(cfg: Config, world, log, resources) -> Job:
@@ -125,8 +124,12 @@ def build(cfg: Config, world, log, resources) -> Job:
     if cfg.train.precision == "fp16" and device.type != "cuda":  # device = "auto" found no GPU
         raise UserError("train.precision = 'fp16' needs a GPU (train.device resolved to cpu); on CPUs use 'bf16'")
     precision = Precision(cfg.train.precision, device, world, reduced=strategy.sums_gradients)
+    straggle = (lambda t0: inject_straggler(world, t, t0)) if t.slowdown_rank >= 0 else None
+    step = Step(model, optimizer, strategy, precision, world, clip_norm=cfg.optim.clip_norm,
+                on_nonfinite=t.on_nonfinite, lockstep=sampler.lockstep, schedule=schedule, loss_fn=loss,
+                straggle=straggle, dog=watchdog(), log=log)
     return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, Metric(meta.task),
-               optimizer, sampler, schedule, strategy, precision)
+               optimizer, sampler, schedule, strategy, precision, step)
 
 
 def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
@@ -144,10 +147,11 @@ def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
         with dog.phase("loading data"):
             job = workers.agree_job(build, cfg, workers, log, resources)  # servers learn of a failure too
         with dog.phase("resuming"):
+            job.step.dog = dog
             pos = resume(job)
             job.strategy.setup(job.model, job.optimizer, resources)
-            if pos.snapshot is not None:
-                state.restore_strategy(job, pos.snapshot)
+            if pos.restored is not None:
+                state.restore_strategy(job.step, pos.restored, job.log)
         # the job's limit from the first step on; until then the start-up one (imports, data
         # loading and resume can take longer than a step: MPITRAIN_WATCHDOG_S, default 600 s)
         dog.set_timeout(cfg.train.watchdog_s)
@@ -178,15 +182,27 @@ def write_trace(job: Job, tracer: trace.Tracer) -> None:
 
 
 def resume(job: Job) -> state.Position:
-    """Collective: the position to start from (restored from a checkpoint, or the start);
-    seeds this rank's random stream (dropout) either way."""
-    world = job.world
-    snap = state.find(job)
-    pos = world.agree(state.restore, job, snap) if snap else state.Position()
+    """Collective: the position to start from (restored from a checkpoint chosen by
+    train.resume: "auto" = the newest valid one in the run folder, "never", or a path, or
+    the start); seeds this rank's random stream (dropout) either way."""
+    world, how = job.world, job.cfg.train.resume
+
+    def choose():
+        if how != "auto":
+            return None if how == "never" else how
+        found = checkpoint.newest_valid(job.run_dir, job.log)
+        return str(found[0]) if found else None
+    path = world.on_root(choose)
+    tree = state.load(path, world) if path is not None else None
+    pos = state.Position()
+    if tree is not None:
+        world.agree(state.check_position, tree, job.device, job.cfg.train.epochs, job.train_split.total)
+        pos = world.agree(state.restore, job.step, tree, model_id=model_id(job.cfg.model), schedule=job.schedule,
+                          log=job.log)
     world.on_root(reset_metrics, job, pos)
     torch.manual_seed(job.cfg.train.seed * 7919 + world.rank)  # per-rank stream
-    if snap:
-        state.restore_rng(snap, world.rank, job.device)
+    if tree is not None:
+        state.restore_rng(tree, world.rank, job.device)
     return pos
 
 
@@ -194,7 +210,7 @@ def reset_metrics(job: Job, pos: state.Position) -> None:
     """Rank 0: metrics.jsonl keeps the rows up to the resumed step (emptied on a fresh start)."""
     path = job.run_dir / "metrics.jsonl"
     try:
-        if pos.snapshot is None:
+        if pos.restored is None:
             files.replace_text(path, "")
             return
         t = job.cfg.train
@@ -206,13 +222,12 @@ def reset_metrics(job: Job, pos: state.Position) -> None:
     if torn:
         job.log.warning(f"{path}: dropped {torn} line(s) that were not JSON rows (a torn write)")
     job.log.info(f"resuming from step {pos.step} (epoch {pos.epoch + 1}, checkpoint written at "
-                 f"{pos.snapshot.world_size} ranks)")
+                 f"{pos.restored['meta']['world_size']} ranks)")
 
 
 def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
     """The epochs: forward, backward, strategy, optimizer; checkpoints, evaluation, metrics."""
-    cfg, world, device, model = job.cfg, job.world, job.device, job.model
-    strategy, optimizer, schedule, sampler = job.strategy, job.optimizer, job.schedule, job.sampler
+    cfg, world, device, model, strategy, sampler = job.cfg, job.world, job.device, job.model, job.strategy, job.sampler
     state.consistency_check(job)
     announce(job)
     tracer = trace.current()
@@ -228,38 +243,21 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
         loss_sum, local, skipped = 0.0, 0, 0
         done = pos.samples_in_epoch if epoch == pos.epoch else 0  # global samples of this epoch
         for group in progress_bar(job, micro_batches(sampler.epoch(epoch, done), cfg.train.accumulate), epoch):
-            dog.beat(step + 1)
-            t_compute = time.perf_counter()
-            optimizer.zero_grad(set_to_none=False)
             count = sum(b.global_count for b in group)  # samples in this optimizer step, all ranks
-            loss_value, n = forward_backward(job, group, count)
-            inject_straggler(world, cfg.train, t_compute)
-            with dog.waiting(step + 1):
-                with tracer.span("wait"):
-                    signum, nonfinite = agree_flags(job, stop, loss_value, step)
-                overflow = False
-                if not nonfinite:
-                    with tracer.span("reduce"):
-                        strategy.after_backward(step)
-                    # clips the reduced gradient's norm (the same on every rank); an fp16 overflow
-                    # skips the step on every rank
-                    with tracer.span("optimizer"):
-                        overflow = not job.precision.step(optimizer, cfg.optim.clip_norm)
-                        strategy.after_step(step)
-                schedule.step()
-            skipped += bool(nonfinite or overflow)
-            loss_sum += 0.0 if nonfinite else loss_value
-            local, done, step = local + n, done + count, step + 1
+            out = job.step([lambda b=b: to_device(job.train_split.take(b.indices), device) for b in group], count,
+                           stop)
+            skipped += out.skipped
+            loss_sum, local, done, step = loss_sum + out.loss, local + out.samples, done + count, step + 1
             here = state.Position(step, epoch, done)
-            if signum or (sampler.lockstep and step % every == 0):  # every rank is at this step
-                checkpoint(job, here, signum)
+            if out.signum or (sampler.lockstep and step % every == 0):  # every rank is at this step
+                write_checkpoint(job, here, out.signum)
             if step >= max_steps:
                 break
         train_time = time.perf_counter() - t_epoch
         here = state.Position(step, epoch + 1, 0) if step < max_steps else here
         if not sampler.lockstep:  # ranks ran different step counts: agree on a stop signal now
             if signum := stop.agreed(world):
-                checkpoint(job, here, signum)
+                write_checkpoint(job, here, signum)
         with dog.waiting(step):
             last = epoch == cfg.train.epochs - 1 or world.any(step >= max_steps)
             with strategy.consolidated(), dog.phase("evaluation"), tracer.span("evaluation"):
@@ -277,104 +275,25 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
             break
     if here.step % every or not sampler.lockstep:  # the final checkpoint (unless just written)
         with dog.phase("checkpoint"):
-            state.save(job, here)
+            save(job, here)
     if world.is_root:
         job.log.info(f"outputs in {job.run_dir}/ (config.toml, metrics.jsonl, checkpoints)")
     return row
 
 
-def train_each(spec, world, log, overrides=()) -> list[Config]:
-    """Collective: the runs of a comparison (report.CompareSpec), every one validated before
-    any trains, then trained in turn with only warnings logged; returns their configs."""
-    import logging
-
-    from . import config
-
-    cfgs = [world.agree(config.load, spec.job, [*spec.overrides, *overrides, *extra,
-                                                f"output.dir={spec.run_dir(name)}", f"output.name={name}"])
-            for name, extra in spec.runs]
-    level = log.level
-    for cfg in cfgs:
-        if world.is_root:
-            log.info(f"{spec.title}: {cfg.output.name} ({cfg.sync.strategy})")
-        log.setLevel(logging.WARNING)
-        world.barrier()
-        train(cfg, world, log)
-        log.setLevel(level)
-    return cfgs
-
-
-def micro_batches(batches, k: int):
-    """The sampler's batches in groups of k: one optimizer step each (the last may be short)."""
-    group = []
-    for b in batches:
-        group.append(b)
-        if len(group) == k:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def forward_backward(job: Job, group: list, count: int) -> tuple[float, int]:
-    """Forward and backward of one step's micro-batches, gradients accumulating in .grad;
-    the strategy's reduction runs only for the last one (DDP's no_sync). Each loss is
-    weighted for the whole step's `count` samples. Returns (summed loss, local samples)."""
-    weight = loss_weight(job.strategy, job.world, count)
-    total, n = torch.zeros((), device=job.device), 0
-    tracer = trace.current()
-    for i, batch in enumerate(group):
-        with tracer.span("data"):
-            x, y = to_device(job.train_split.take(batch.indices), job.device)
-        quiet = i < len(group) - 1 and isinstance(job.strategy, sync.NoSync)
-        with job.strategy.no_sync() if quiet else contextlib.nullcontext():
-            with job.precision.autocast(), tracer.span("forward"):
-                loss = job.loss(job.model(x), y)
-            with tracer.span("backward"):
-                job.precision.scale(loss * weight).backward()
-        total, n = total + loss.detach().float(), n + len(y)
-    return total.item(), n  # one device sync per step: the non-finite check needs the value
-
-
-def to_device(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """numpy arrays as tensors on `device`; to a GPU through pinned memory, asynchronously."""
-    if device.type != "cuda":
-        return tuple(torch.from_numpy(a) for a in arrays)
-    return tuple(torch.from_numpy(a).pin_memory().to(device, non_blocking=True) for a in arrays)
-
-
-def loss_weight(strategy, world, global_count: int) -> float:
-    """Factor for this rank's summed loss: 1/global batch where the ranks' gradients are
-    combined, world size/global batch (the local mean) where each rank steps on its own."""
-    return (1.0 if strategy.sums_gradients else world.size) / global_count
-
-
-def agree_flags(job: Job, stop: StopFlag, loss: float, step: int) -> tuple[int, bool]:
-    """(stop signal, non-finite loss) for this step, agreed over ranks with one tiny
-    allreduce when they step in lockstep (else this rank's own; a stop signal is then
-    agreed at the epoch end). A non-finite loss stops the job (train.on_nonfinite =
-    "stop") before anything of the step is applied, or is skipped on every rank."""
-    bad = not math.isfinite(loss)
-    if job.sampler.lockstep:  # [any signal, the highest rank with a bad loss + 1]
-        signum, bad_rank = job.world.max(np.array([stop.signum, (job.world.rank + 1) * bad], dtype=np.float64))
-        signum, bad = int(signum), bad_rank > 0
-        where = f"rank {int(bad_rank) - 1}" + (" (and maybe others)" if job.world.size > 1 else "")
-    else:
-        signum, where = 0, f"rank {job.world.rank}"
-    if bad and job.cfg.train.on_nonfinite == "stop":
-        raise Diverged(f"non-finite loss in step {step + 1} on {where}: stopped before applying it",
-                       agreed=job.sampler.lockstep)
-    if bad and job.world.is_root:
-        job.log.warning(f"non-finite loss in step {step + 1} on {where}: update skipped (train.on_nonfinite = 'skip')")
-    return signum, bool(bad)
-
-
-def checkpoint(job: Job, here: state.Position, signum: int) -> None:
+def write_checkpoint(job: Job, here: state.Position, signum: int) -> None:
     """Collective: write a checkpoint; after an agreed stop signal, stop (exit 75)."""
     with watchdog().phase("checkpoint"), trace.current().span("checkpoint"):
-        path = state.save(job, here)
+        path = save(job, here)
     if signum:
         raise Stopped(signal.Signals(signum).name, here.step, path)
+
+
+def save(job: Job, here: state.Position) -> str:
+    """Collective: the job's checkpoint at `here` in the run folder (the newest
+    output.keep are kept)."""
+    return state.save(checkpoint.path_for(job.run_dir, here.step), job.step, here,
+                      {"model": model_id(job.cfg.model), "config": job.cfg.dumps()}, job.log, job.cfg.output.keep)
 
 
 def epoch_row(job: Job, epoch: int, step: int, train_time: float, sums: list) -> dict:

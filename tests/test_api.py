@@ -26,7 +26,7 @@ def _user_loop(world, digits_h5, strategy, steps=6, **options):
     for _ in range(steps):
         x, y = next(batches)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()  # this rank's mean, as with DDP
+        opt.backward(F.cross_entropy(model(x), y))  # this rank's mean, as with DDP
         opt.step()
     return model, opt
 

@@ -88,10 +88,10 @@ def test_strategy_state_round_trips(world, shared_tmp, digits_h5, make_cfg, stra
                    optim={"name": "sgd", "lr": 0.05, "momentum": 0.9}, sync=sync,
                    train={"batch_size": 8, "max_steps": 10})
     train(cfg, world, world.logger())
-    snap = checkpoint.read(checkpoint.list_checkpoints(shared_tmp / strategy)[0])
-    assert snap.strategy == strategy and snap.strategy_state
-    n = sum(a.size for a in snap.model.values())
-    for k, v in snap.strategy_state.items():
+    tree = checkpoint.read(checkpoint.list_checkpoints(shared_tmp / strategy)[0])
+    assert tree["meta"]["strategy"] == strategy and tree["strategy"]
+    n = sum(a.size for a in tree["model"].values())
+    for k, v in tree["strategy"].items():
         assert v.size in (1, n) or v.shape[-1] == n, (k, v.shape)
     more = make_cfg(shared_tmp / strategy, digits_h5, model={"name": "mlp", "hidden": [16]},
                     optim={"name": "sgd", "lr": 0.05, "momentum": 0.9}, sync=sync,
@@ -125,9 +125,9 @@ def test_a_long_checkpoint_write_shows_progress(tmp_path):
 
     from mpitrain.comm import heartbeat
 
-    snap = checkpoint.Snapshot(step=1, epoch=0, samples_in_epoch=0, world_size=1, strategy="allreduce",
-                               model_name="mlp", config="", model={"w": np.zeros(50 * 2**20 // 4, np.float32)},
-                               optimizer_state={}, param_groups=[], strategy_state={}, rng=np.zeros((1, 8), np.uint8))
+    tree = {"position": {"step": 1, "epoch": 0, "samples_in_epoch": 0},
+            "model": {"w": np.zeros(50 * 2**20 // 4, np.float32)}, "optim": {"param_groups": "[]"},
+            "ranks": {"0": {"rng": {"torch_cpu": np.zeros(8, np.uint8)}}}}
     before = heartbeat._progress["count"]
-    checkpoint.write(tmp_path / "ckpt-000000001.h5", snap)
+    checkpoint.write(tmp_path / "ckpt-000000001.h5", tree, {"world_size": 1})
     assert heartbeat._progress["count"] - before >= 50 // 16

@@ -49,15 +49,16 @@ def test_corrupted_checkpoints_give_one_line_errors(tmp_path):
 
     from mpitrain import checkpoint
 
-    snap = checkpoint.Snapshot(
-        step=7, epoch=1, samples_in_epoch=3, world_size=2, strategy="allreduce", model_name="mlp",
-        config="[train]\nepochs = 1\n", model={"0.weight": np.ones((4, 3), np.float32), "0.bias": np.zeros(4)},
-        optimizer_state={"0": {"momentum_buffer": np.ones((4, 3), np.float32)}},
-        param_groups=[{"lr": 0.1, "momentum": 0.9, "params": [0, 1]}],
-        strategy_state={"x_center": np.arange(5, dtype=np.float32)}, rng=np.zeros((2, 16), np.uint8))
+    tree = {"position": {"step": 7, "epoch": 1, "samples_in_epoch": 3},
+            "model": {"0.weight": np.ones((4, 3), np.float32), "0.bias": np.zeros(4)},
+            "optim": {"state": {"0": {"momentum_buffer": np.ones((4, 3), np.float32)}},
+                      "param_groups": '[{"lr": 0.1, "momentum": 0.9, "params": [0, 1]}]'},
+            "strategy": {"x_center": np.arange(5, dtype=np.float32)},
+            "ranks": {str(r): {"rng": {"torch_cpu": np.zeros(16, np.uint8)}} for r in range(2)}}
     src = tmp_path / "ckpt-000000007.h5"
-    checkpoint.write(src, snap)
-    assert checkpoint.read(src).step == 7
+    checkpoint.write(src, tree, {"world_size": 2, "strategy": "allreduce", "model": "mlp",
+                                 "config": "[train]\nepochs = 1\n"})
+    assert checkpoint.read(src)["position"]["step"] == 7
     totals, per_child = {}, 50
     for first in range(0, 300, per_child):
         p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "bad.h5"), str(first),

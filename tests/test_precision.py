@@ -74,11 +74,10 @@ def test_loss_scale_survives_a_checkpoint(world, tmp_path):
         prec.step(opt)
     state = prec.state_dict()
     assert float(state["scale"][0]) == 2.0**9 and int(state["growth_tracker"][0]) == 2
-    snap = checkpoint.Snapshot(step=3, epoch=0, samples_in_epoch=0, world_size=world.size, strategy="allreduce",
-                               model_name="m", config="", model={}, optimizer_state={}, param_groups=[],
-                               strategy_state={}, rng=np.zeros((1, 4), np.uint8), amp=state)
-    checkpoint.write(tmp_path / "c.h5", snap)
-    back = checkpoint.read(tmp_path / "c.h5").amp
+    tree = {"position": {"step": 3, "epoch": 0, "samples_in_epoch": 0}, "model": {}, "optim": {"param_groups": "[]"},
+            "precision": state, "ranks": {"0": {"rng": {"torch_cpu": np.zeros(4, np.uint8)}}}}
+    checkpoint.write(tmp_path / "c.h5", tree, {"world_size": world.size})
+    back = checkpoint.read(tmp_path / "c.h5")["precision"]
     _, _, fresh = setup(world, reduced=True)
     fresh.scaler = torch.amp.GradScaler("cpu", growth_interval=3)
     assert fresh.load_state_dict(back) is True

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mpitrain import report
+from mpitrain import compare, report
 from mpitrain.errors import UserError
 
 pytestmark = pytest.mark.mpi
@@ -85,16 +85,16 @@ def test_compare_file_validation(tmp_path, repo_root):
     for text, message in bad.items():
         (tmp_path / "c.toml").write_text(text)
         with pytest.raises(UserError) as e:
-            report.load_compare(str(tmp_path / "c.toml"))
+            compare.load_compare(str(tmp_path / "c.toml"))
         assert message in str(e.value), (text, str(e.value))
-    spec = report.load_compare(str(repo_root / "jobs" / "compare-digits.toml"))
+    spec = compare.load_compare(str(repo_root / "jobs" / "compare-digits.toml"))
     assert spec.job.name == "digits.toml" and len(spec.runs) >= 8
 
 
 def test_run_folder_names():
     from pathlib import Path
 
-    spec = report.CompareSpec(Path("job.toml"), Path("out"), 0.9, (), (), "t")
+    spec = compare.CompareSpec(Path("job.toml"), Path("out"), 0.9, (), (), "t")
     assert spec.run_dir("local H=2") == Path("out/local-H-2")
     assert spec.run_dir("async, dynamic batches") == Path("out/async--dynamic-batches")
 
@@ -104,7 +104,7 @@ def test_shipped_comparison_files_are_valid(repo_root, name):
     """Every run of the comparison files in jobs/ resolves to a valid config (new-style keys)."""
     from mpitrain import config
 
-    spec = report.load_compare(str(repo_root / "jobs" / name))
+    spec = compare.load_compare(str(repo_root / "jobs" / name))
     assert len(spec.runs) >= 2
     strategies = set()
     for run_name, extra in spec.runs:

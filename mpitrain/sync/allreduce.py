@@ -40,6 +40,7 @@ class AllreduceStrategy:
 
     Options = Options
     sums_gradients = True
+    replicas_differ = False
 
     def __init__(self, options: Options, world, log=None):
         self.options, self.world, self.log = options, world, log

@@ -6,6 +6,7 @@ A strategy is a class with four methods and three declared attributes:
     class LocalSGD:
         Options = LocalSGDOptions     # frozen dataclass, validated from [sync.local_sgd]
         sums_gradients = False        # each rank steps on its own gradient
+        replicas_differ = True        # so checkpoints keep every rank's own state
         def __init__(self, options, world, log): ...
         def setup(self, model, optimizer, resources): ...   # Collective
         def after_backward(self, step): ...
@@ -35,6 +36,10 @@ class Strategy(Protocol):
     sums_gradients: ClassVar[bool]
     """True: the ranks' gradients are combined every step, so each rank weights its loss
     by 1/(global batch); False: each rank steps on its own gradient (1/(local batch))."""
+    replicas_differ: ClassVar[bool]
+    """True: between consolidations every rank holds its own parameters and optimizer state
+    (local steps); a checkpoint keeps each rank's own next to the consolidated model, so
+    that writing one never changes training and a resume at the same world size is exact."""
     uneven_steps: ClassVar[bool]
     """True: ranks may run different numbers of steps (allows data.assign = 'dynamic')."""
     remote_update: ClassVar[bool]
@@ -59,31 +64,31 @@ class Strategy(Protocol):
 
 @runtime_checkable
 class Stateful(Protocol):
-    """Optional: strategy state that checkpoints carry (read inside `consolidated`)."""
+    """Optional: strategy state that checkpoints carry (read inside `consolidated`): a tree
+    (dicts of arrays, nested as the strategy likes), one component of the checkpoint tree."""
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Collective: arrays, complete on rank 0, independent of the world size."""
+    def state_dict(self) -> dict:
+        """Collective: a tree of arrays, complete on rank 0, independent of the world size."""
 
-    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+    def load_state_dict(self, tree: dict) -> None:
         """Collective, after setup: continue from a checkpoint's state (any world size)."""
 
 
 @runtime_checkable
 class RankStateful(Protocol):
     """Optional: state that differs between ranks and fits only the world size it was made
-    at (e.g. gradient compression's error-feedback residuals), with the state the ranks hold
-    alike beside it (PowerSGD's Q). Checkpoints keep every rank's own arrays (gathered to
-    rank 0) and the shared ones once, in the strategy state."""
+    at (e.g. gradient compression's error-feedback residuals). Checkpoints keep every rank's
+    own tree under /ranks/<r>/strategy (state the ranks hold alike belongs in state_dict)."""
 
-    def rank_state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(this rank's own arrays, arrays equal on every rank); the same keys and shapes on
-        every rank; ({}, {}) when there is nothing to keep. Not collective."""
+    def rank_state_dict(self) -> dict:
+        """This rank's own tree of arrays; the same keys and shapes on every rank; {} when
+        there is nothing to keep. Not collective."""
 
-    def load_rank_state_dict(self, own: dict[str, np.ndarray] | None, shared: dict[str, np.ndarray]) -> None:
-        """After setup: continue from a checkpoint. `own` is this rank's arrays as saved at
-        this world size ({} if the checkpoint has none), None when they were saved at another
-        world size and are dropped; `shared` is the checkpoint's strategy state. What is
-        missing or does not fit starts afresh. Not collective."""
+    def load_rank_state_dict(self, tree: dict | None) -> None:
+        """After setup and load_state_dict: continue from a checkpoint. `tree` is this rank's
+        as saved at this world size ({} if the checkpoint has none), None when it was saved
+        at another world size and is dropped. What is missing or does not fit starts
+        afresh. Not collective."""
 
 
 @runtime_checkable
@@ -112,7 +117,7 @@ def register(name: str, *, roles: Roles | None = None):
     options, world, log)` (collective) may set ranks aside, e.g. dedicated parameter servers: it
     returns (the training world, None) on training ranks and (None, serve) elsewhere."""
     def deco(cls):
-        for attr in ("Options", "sums_gradients"):
+        for attr in ("Options", "sums_gradients", "replicas_differ"):
             if not hasattr(cls, attr):
                 raise TypeError(f"strategy {name!r} must declare {attr}")
         cls.name = name

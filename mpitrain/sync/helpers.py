@@ -81,6 +81,7 @@ class LocalSteps:
     `self.replicated` (identical on every rank, e.g. a center)."""
 
     sums_gradients = False
+    replicas_differ = True  # local steps: every rank's own parameters and optimizer state
     replicated: dict[str, torch.Tensor] = {}
 
     def after_backward(self, step):

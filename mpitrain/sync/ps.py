@@ -84,6 +84,7 @@ class _StoreStrategy:
 
     KIND = "dist_sync"
     sums_gradients = True  # each push is this rank's share of the global-batch mean
+    replicas_differ = False  # consolidated() pulls the store's parameters; nothing of a rank's own to keep
     remote_update = True  # the store applies the optimizer
 
     def __init__(self, options, world, log=None):

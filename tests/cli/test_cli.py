@@ -68,22 +68,40 @@ def good_ckpt(tmp_path_factory, digits, mpirun):
 
 
 def crafted_ckpt(tmp, good, name, **change):
-    """The good checkpoint with fields replaced, written with valid checksums (so only the
-    load-time checks against the job can catch it)."""
-    import dataclasses
+    """The good checkpoint with parts of its tree replaced (`position={...}`, or a whole
+    component; None deletes it), written with valid checksums (so only the load-time checks
+    against the job can catch it); `momentum` and `model_text` plant a wrong array;
+    `version` writes another format version."""
+    import h5py
 
     from mpitrain import checkpoint
 
-    snap = checkpoint.read(good)
-    if "momentum" in change:  # a momentum buffer of the wrong shape
-        snap.optimizer_state["0"]["momentum_buffer"] = np.zeros((3, 3), np.float32)
-        del change["momentum"]
-    if "model_text" in change:
-        snap.model[next(iter(snap.model))] = np.array(b"not an array")
-        del change["model_text"]
+    tree = checkpoint.read(good)
+    meta = tree.pop("meta")
+    if change.pop("momentum", None):  # a momentum buffer of the wrong shape
+        tree["optim"]["state"]["0"]["momentum_buffer"] = np.zeros((3, 3), np.float32)
+    if change.pop("model_text", None):
+        tree["model"][next(iter(tree["model"]))] = np.array(b"not an array")
+    version = change.pop("version", None)
+    for k, v in change.items():
+        if v is None:
+            del tree[k]
+        else:
+            tree[k] = tree[k] | v if isinstance(tree.get(k), dict) else v
+    tree["optim"]["param_groups"] = __import__("json").dumps(tree["optim"]["param_groups"])
     p = tmp / f"{name}" / "ckpt-000000001.h5"
     p.parent.mkdir(exist_ok=True)
-    checkpoint.write(p, dataclasses.replace(snap, **change))
+    if version is None:
+        checkpoint.write(p, tree, meta)
+    else:  # the same file, stamped with another version (and a trailer over the new bytes)
+        checkpoint.write(p, tree, meta)
+        image = bytearray(checkpoint.verified_bytes(p))
+        q = p.with_name("v.h5")
+        q.write_bytes(bytes(image))
+        with h5py.File(q, "r+") as f:
+            f.attrs["format_version"] = version
+        image = q.read_bytes()
+        p.write_bytes(image + checkpoint._trailer(image))
     return p
 
 
@@ -166,16 +184,21 @@ def bad_cases(tmp, digits, np_, good_ckpt):
                         "targets must be integer labels or float values"),
         "corrupted checkpoint": (ok + ["--set", f"train.resume={bad_ckpt(tmp)}"], "not an mpitrain checkpoint"),
         "missing checkpoint": (ok + ["--set", f"train.resume={tmp}/none.h5"], "no such checkpoint"),
-        "checkpoint step -5": (ok + ["--set", f"train.resume={crafted_ckpt(tmp, good_ckpt, 's', step=-5)}"],
-                               "step -5 < 0"),
-        "checkpoint epoch 1e6": (ok + ["--set", f"train.resume={crafted_ckpt(tmp, good_ckpt, 'e', epoch=10**6)}"],
+        "checkpoint step -5": (ok + ["--set", "train.resume="
+                                     f"{crafted_ckpt(tmp, good_ckpt, 's', position={'step': -5})}"], "step -5 < 0"),
+        "checkpoint epoch 1e6": (ok + ["--set", "train.resume="
+                                       f"{crafted_ckpt(tmp, good_ckpt, 'e', position={'epoch': 10**6})}"],
                                  "epoch 1000000 outside"),
         "checkpoint samples -1000": (ok + ["--set", "train.resume="
-                                           f"{crafted_ckpt(tmp, good_ckpt, 'n', samples_in_epoch=-1000)}"],
+                                           f"{crafted_ckpt(tmp, good_ckpt, 'n', position={'samples_in_epoch': -1000})}"],
                                      "samples_in_epoch -1000 outside"),
-        "checkpoint RNG shape": (ok + ["--set", "train.resume="
-                                       f"{crafted_ckpt(tmp, good_ckpt, 'r', rng=np.zeros((1, 7), np.uint8))}"],
-                                 "RNG states of shape (1, 7)"),
+        "checkpoint RNG shape": (ok + ["--set", "train.resume=" + str(crafted_ckpt(
+            tmp, good_ckpt, 'r', ranks={"0": {"rng": {"torch_cpu": np.zeros(7, np.uint8)}}}))],
+                                 "rank 0's CPU random state is (7,)"),
+        "checkpoint of a newer format": (ok + ["--set", f"train.resume={crafted_ckpt(tmp, good_ckpt, 'v', version=3)}"],
+                                         "checkpoint format version 3; this mpitrain"),
+        "checkpoint without optimizer": (ok + ["--set", f"train.resume={crafted_ckpt(tmp, good_ckpt, 'o', optim=None)}"],
+                                         "incomplete checkpoint: no optim"),
         "checkpoint momentum shape": (ok + ["--set", f"train.resume={crafted_ckpt(tmp, good_ckpt, 'm', momentum=1)}"],
                                       "has shape (3, 3)"),
         "checkpoint text for an array": (ok + ["--set", "train.resume="

@@ -51,14 +51,14 @@ def test_checkpoint_round_trip(world, shared_tmp, digits_h5, make_cfg, name):
     train(make_cfg(run, digits_h5, **kw), world, world.logger())  # resumes at step 10: nothing left
     if world.is_root:
         again = checkpoint.read(checkpoint.path_for(run, 10))
-        assert again.step == first.step == 10
-        for part in ("model", "strategy_state"):
-            a, b = getattr(first, part), getattr(again, part)
+        assert again["position"]["step"] == first["position"]["step"] == 10
+        for part in ("model", "strategy"):
+            a, b = first[part], again[part]
             assert set(a) == set(b), part
             for k in a:
                 assert np.array_equal(a[k], b[k]), (part, k)
-        if issubclass(REGISTRY[name], Stateful):
-            assert first.strategy_state, f"{name} is Stateful but saved no state"
+        if issubclass(REGISTRY[name], Stateful) and name != "allreduce":  # allreduce's: its compressor's, if any
+            assert first["strategy"], f"{name} is Stateful but saved no state"
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
