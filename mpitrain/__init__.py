@@ -1,6 +1,8 @@
 """mpitrain: data-parallel PyTorch training over MPI with parallel-HDF5 data."""
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["__version__"]
 
 
 def __getattr__(name):  # lazy: `import mpitrain` stays cheap and does not initialise MPI

@@ -38,12 +38,11 @@ import torch
 from . import state
 from .comm import World
 from .config import OptimCfg, TrainCfg
-from .data import hdf5
-from .data.sampler import DistributedSampler
+from .data.loader import Loader  # noqa: F401  (mpitrain.Loader)
 from .errors import UserError
 from .options import build
 from .precision import Precision
-from .step import Step, to_device
+from .step import Step
 from .sync.helpers import average_buffers
 
 _WORLD: World | None = None
@@ -182,34 +181,6 @@ def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strateg
     step = Step(model, optimizer, strat, Precision(t.precision, device, world, reduced=cls.sums_gradients), world,
                 clip_norm=clip, on_nonfinite=t.on_nonfinite, log=log)
     return model, _distributed(optimizer, step, resources, t.accumulate)
-
-
-class Loader:
-    """Collective to create: one split of an mpitrain HDF5 file, and per epoch the batches
-    of this rank: every sample exactly once per epoch over all ranks, deterministic from
-    (seed, epoch). `mode="partitioned"` reads only this rank's shard (collective mpio reads)
-    and shuffles within it; "replicated" reads all and shuffles globally. Token streams
-    need `seq_len` (windows of seq_len inputs and the next seq_len tokens as targets)."""
-
-    def __init__(self, path: str, world: World, batch_size: int, *, split: str = "train", mode: str = "replicated",
-                 seed: int = 0, device: str | torch.device = "cpu", seq_len: int = 0):
-        from .config import DataCfg
-
-        cfg = DataCfg(path=str(path), mode=mode, train=split, test="", seq_len=seq_len)
-        self.data, _, self.meta = hdf5.load(cfg, world)
-        self.device = torch.device(device)
-        self.sampler = DistributedSampler(self.data.total, world.size, world.rank, batch_size, seed,
-                                          "global" if mode == "replicated" else "shard")
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
-
-    def epoch(self, epoch: int):
-        """(x, y) tensors for every step of `epoch` (the same number of steps on every rank;
-        the last batches may be smaller or, on some ranks, empty)."""
-        for batch in self.sampler.epoch(epoch):
-            yield to_device(self.data.take(batch.indices), self.device)
 
 
 def _ours(model: torch.nn.Module, optimizer) -> Step:

@@ -44,7 +44,8 @@ from .data.sampler import DistributedSampler
 from .errors import AgreedError, UserError
 from .faults import collective_cleanup, stop_flag
 from .models import build_optimizer, build_schedule, model_id
-from .step import micro_batches, to_device
+from .data.loader import to_device
+from .step import micro_batches
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 GOAL_SINGLE, GOAL_DDP = 1.5, 0.8

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 
@@ -25,17 +26,22 @@ from .bench_e2e import _groups, _mpitrain_step, _single_step, _time_rounds, _Var
 from .faults import collective_cleanup
 from .sync import compress
 
-VARIANTS = {  # name: (overrides, cost-model strategy, options)
-    "allreduce": (["sync.strategy=allreduce"], "allreduce", {}),
-    "allreduce fp16": (["sync.strategy=allreduce", "sync.allreduce.compress=fp16"], "fp16", {}),
-    "allreduce topk 1%": (["sync.strategy=allreduce", "sync.allreduce.compress=topk",
-                           "sync.allreduce.topk_ratio=0.01"], "topk", {"ratio": 0.01}),
-    "allreduce powersgd r2": (["sync.strategy=allreduce", "sync.allreduce.compress=powersgd",
-                               "sync.allreduce.powersgd_rank=2", "sync.allreduce.powersgd_min_numel=0"],
-                              "powersgd", {"rank": 2}),
-    "allreduce sign": (["sync.strategy=allreduce", "sync.allreduce.compress=sign"], "sign", {}),
-    "local_sgd H=4": (["sync.strategy=local_sgd", "sync.local_sgd.period=4"], "local_sgd", {"period": 4}),
-}
+
+def _variants() -> dict:
+    """name: (overrides, cost-model strategy, options): dense allreduce, each registered
+    compressor that names a bench variant (`Compressor.bench`: label and options), local SGD."""
+    out = {"allreduce": (["sync.strategy=allreduce"], "allreduce", {})}
+    for kind, cls in compress.REGISTRY.items():
+        if cls.bench is not None:
+            label, options = cls.bench
+            sets = [f"sync.allreduce.compress.{k}={json.dumps(v)}" for k, v in options.items()]
+            out[f"allreduce {label}"] = (["sync.strategy=allreduce", f"sync.allreduce.compress.kind={kind}", *sets],
+                                         "allreduce", {})
+    out["local_sgd H=4"] = (["sync.strategy=local_sgd", "sync.local_sgd.period=4"], "local_sgd", {"period": 4})
+    return out
+
+
+VARIANTS = _variants()
 
 
 def run(args, world, log) -> None:
@@ -83,6 +89,8 @@ def run(args, world, log) -> None:
         print("|---|---|---|---|---|")
         for name in names:
             _, strategy, kw = VARIANTS[name]
+            if getattr(jobs[name].strategy, "compressors", None):  # what its compressors declare, per bucket
+                kw = kw | {"wire": jobs[name].strategy.wire()}
             pred = costmodel.step_seconds(strategy, model, transport, world.size, compute, codec=codec[name],
                                           **kw) * 1e3
             print(f"| {name} | {pred:.2f} | {codec[name] * 1e3:.2f} | {ms[name]:.2f} | {pred / ms[name]:.2f} |")
@@ -112,19 +120,21 @@ class _Replicas:
 
 def _codec_seconds(job, steps: int) -> float:
     """Seconds per step of this rank's compressor arithmetic alone (0 without compression):
-    a copy of the job's compressor on _Replicas of the job's size reduces a random gradient
-    of the model's size; median of `steps`."""
+    copies of the job's per-bucket compressors on _Replicas of the job's size reduce random
+    gradients of the buckets' sizes; median of `steps`."""
     strategy = job.strategy
-    if getattr(strategy, "compressor", None) is None:
+    if not getattr(strategy, "compressors", None):
         return 0.0
-    flat = strategy.flat
-    codec = compress.create(strategy.options, _Replicas(job.world.size), flat.params, flat.grad)
-    grad = torch.randn_like(flat.grad)
+    spec, buckets = strategy.options.compress, strategy.buckets
+    cls, replicas = compress.REGISTRY[spec.kind], _Replicas(job.world.size)
+    codecs = [(cls(spec.options, buf, layout, replicas), torch.randn_like(buf))
+              for buf, layout in zip(buckets.buffers, buckets.layouts)]
     times = []
     for _ in range(steps + 1):
-        g = grad.clone()
+        gs = [g.clone() for _, g in codecs]
         t0 = time.perf_counter()
-        codec.reduce_(g, step=10**9)  # past any start_step: the compressed path
+        for (codec, _), g in zip(codecs, gs):
+            codec.reduce_(g, step=10**9)  # past any start_step: the compressed path
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
@@ -158,10 +168,14 @@ def _extrapolate(args, transport, compute, model) -> None:
           f"scaled by parameters from this job), alpha {max(transport.alpha, 5e-6) * 1e6:.1f} us:")
     print("| ranks | Gbit/s | allreduce ms/step | fp16 | powersgd r2 | local_sgd H=4 |")
     print("|---|---|---|---|---|---|")
+    def wire(kind, n, **options):  # what the compressor declares for the model as one bucket
+        cls = compress.REGISTRY[kind]
+        return {"wire": cls.wire(big.params, big.matrices, n, cls.Options(**options))}
+
     for n in (64, 512):
         for gbit in (25, 100):
             t = costmodel.Transport(max(transport.alpha, 5e-6), 8 / (gbit * 1e9))
             row = [costmodel.step_seconds(s, big, t, n, big_compute, **kw) * 1e3
-                   for s, kw in (("allreduce", {}), ("fp16", {}), ("powersgd", {"rank": 2}),
-                                 ("local_sgd", {"period": 4}))]
+                   for s, kw in (("allreduce", {}), ("allreduce", wire("fp16", n)),
+                                 ("allreduce", wire("powersgd", n, rank=2)), ("local_sgd", {"period": 4}))]
             print(f"| {n} | {gbit} | " + " | ".join(f"{v:.0f}" for v in row) + " |")

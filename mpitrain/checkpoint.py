@@ -42,7 +42,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__, files
+from . import files
+from ._version import __version__
 from .comm import heartbeat
 from .errors import UserError
 

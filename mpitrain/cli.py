@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from ._version import __version__
 from .comm.world import LAUNCH
 from .errors import EXIT_USAGE, AgreedError, UserError
 from .faults import EXIT_DIVERGED, EXIT_STOPPED, Stopped

@@ -168,6 +168,31 @@ MOVED = {
     "sync.easgd_beta": "sync.easgd.beta", "sync.easgd_alpha": "sync.easgd.alpha",
     "sync.period": "sync.{s}.period", "sync.servers": "sync.{s}.servers", "sync.timeout_s": "sync.{s}.timeout_s",
 }
+# keys inside a strategy's table that moved into a nested table
+MOVED_IN = {
+    "sync.allreduce.topk_ratio": "sync.allreduce.compress.ratio",
+    "sync.allreduce.powersgd_rank": "sync.allreduce.compress.rank",
+    "sync.allreduce.powersgd_start_step": "sync.allreduce.compress.start_step",
+    "sync.allreduce.powersgd_min_numel": "sync.allreduce.compress.min_numel",
+}
+
+
+def _moved(where: str, old: str, new: str, value="...") -> UserError:
+    """The one line for a key that moved: where to write it now."""
+    return UserError(f"{where}: {old} is now {new} (write it in a [{new.rsplit('.', 1)[0]}] table, "
+                     f"or --set {new}={value})")
+
+
+def _moved_in(name: str, table, where: str) -> None:
+    """Old keys of the strategy table [sync.name]: one line naming the new key."""
+    if not isinstance(table, dict):
+        return
+    for key, value in table.items():
+        old = f"sync.{name}.{key}"
+        if old in MOVED_IN:
+            raise _moved(where, old, MOVED_IN[old])
+        if old == "sync.allreduce.compress" and isinstance(value, str):  # compress = "fp16"
+            raise _moved(where, f"{old} = {value!r}", f"{old}.kind", value)
 
 
 def _strategy_class(name, where):
@@ -198,11 +223,11 @@ def _sync_section(table: dict, where: str) -> SyncCfg:
             if "{s}" in MOVED[f"sync.{key}"] and name not in has:
                 raise UserError(f"{where}: sync.{key} is now sync.STRATEGY.{key} for {', '.join(has)} "
                                 f"({name} takes no {key})")
-            raise UserError(f"{where}: sync.{key} is now {new} (write it in a [{new.rsplit('.', 1)[0]}] table, "
-                            f"or --set {new}=...)")
+            raise _moved(where, f"sync.{key}", new)
         if key not in REGISTRY:
             raise UserError(f"{where}: unknown key sync.{key} (sync takes strategy and one table per "
                             f"strategy: {', '.join(sorted(REGISTRY))})")
+        _moved_in(key, value, where)
         build(REGISTRY[key].Options, value, where, f"sync.{key}")  # validated even if not selected
     return SyncCfg(name, build(cls.Options, table.get(name, {}), where, f"sync.{name}"))
 

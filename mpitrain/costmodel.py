@@ -8,7 +8,9 @@ bytes per rank (n-1) alpha + (n-1)/n B beta. A step costs compute(batch), plus a
 compressor's own arithmetic (measured alone: its encode and decode with no communication),
 plus the communication the strategy issues per step (averaged over a period where it communicates
 every H steps), minus what hides behind backward (`overlap`, the share measured by
-train.trace; 0 without a communication thread).
+train.trace; 0 without a communication thread). A compressor's communication is what it
+declares itself (`Compressor.wire`: collectives and bytes, in mpitrain/sync/compress),
+turned into seconds here.
 """
 
 from __future__ import annotations
@@ -53,29 +55,28 @@ class Model:
     the weight matrices PowerSGD compresses (the rest goes in full)."""
 
     params: int
-    matrices: tuple[tuple[int, int], ...] = ()
+    matrices: tuple[tuple[int, int], ...] = ()  # (rows, cols) of the parameters with >= 2 dims
 
     @property
     def nbytes(self) -> int:
         return 4 * self.params
 
 
-def comm_seconds(strategy: str, model: Model, t: Transport, n: int, *, period: int = 4, ratio: float = 0.01,
-                 rank: int = 2) -> float:
-    """Communication per step of a strategy or compressor (see README's table)."""
+def wire_seconds(wire, t: Transport, n: int) -> float:
+    """Seconds of declared traffic: (collective, bytes this rank hands to MPI) pairs, the
+    collective "allreduce" (the buffer), "allgather" (this rank's part) or "alltoall"
+    (this rank's whole send buffer)."""
+    calls = {"allreduce": t.allreduce, "allgather": t.allgather, "alltoall": t.alltoall}
+    return sum(calls[kind](nbytes, n) for kind, nbytes in wire)
+
+
+def comm_seconds(strategy: str, model: Model, t: Transport, n: int, *, period: int = 4, wire=None) -> float:
+    """Communication per step of a strategy (see README's table); with a compressor
+    (allreduce), what its `wire` declares instead of the dense allreduce."""
+    if wire is not None:
+        return wire_seconds(wire, t, n)
     if strategy == "allreduce":
         return t.allreduce(model.nbytes, n)
-    if strategy in ("fp16", "bf16"):
-        return t.alltoall(2 * model.params, n) + t.allgather(2 * model.params / n, n)
-    if strategy == "topk":
-        return t.allgather(8 * round(ratio * model.params), n)
-    if strategy == "sign":
-        return t.allgather(model.params / 8 + 4, n)
-    if strategy == "powersgd":
-        small = model.params - sum(r * c for r, c in model.matrices)
-        p = sum(r * min(rank, r, c) for r, c in model.matrices)
-        q = sum(c * min(rank, r, c) for r, c in model.matrices)
-        return t.allreduce(4 * (p + small), n) + t.allreduce(4 * q, n)
     if strategy in ("local_sgd", "bmuf", "easgd"):
         return t.allreduce(model.nbytes, n) / period
     raise ValueError(f"no cost model for {strategy!r}")

@@ -3,6 +3,7 @@ own `Options` dataclasses. No imports from the rest of the package."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -14,10 +15,13 @@ from .errors import UserError
 
 def opt(default, *, choices=None, min=None, gt=None, max=None, lt=None, help=""):
     """A dataclass field with validation metadata: choices, bounds min <= v <= max and
-    gt < v < lt (floats must also be finite)."""
+    gt < v < lt (floats must also be finite). A default that is itself an options
+    dataclass makes a nested table (`[prefix.key]`, validated by `check` recursively)."""
     meta = {"choices": choices, "min": min, "gt": gt, "max": max, "lt": lt, "help": help}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
+    if dataclasses.is_dataclass(default):  # frozen: one shared instance is safe
+        return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -45,6 +49,11 @@ def check(where: str, key: str, f: dataclasses.Field, hint, value):
     elif hint is dict:
         if not isinstance(value, dict):
             bad("a table")
+    elif dataclasses.is_dataclass(hint):  # a nested options table [key]
+        if not isinstance(value, dict):
+            bad(f"a table [{key}]")
+        # a class may validate its table itself (e.g. a kind selecting further keys)
+        return hint.from_table(value, where, key) if hasattr(hint, "from_table") else build(hint, value, where, key)
     elif origin is types.UnionType:  # e.g. bool | str: true, false or "auto"
         kinds = typing.get_args(hint)
         if not isinstance(value, kinds) or (isinstance(value, int) and not isinstance(value, bool)):
@@ -83,6 +92,21 @@ def build(cls, table: dict, where: str, prefix: str):
 
 
 def to_dict(obj) -> dict:
-    """A frozen options dataclass as a TOML-ready dict (tuples as lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()
-            if not (isinstance(v, dict) and not v)}  # an empty table is the default: omitted
+    """A frozen options dataclass as a TOML-ready dict (tuples as lists, nested options
+    tables as dicts, through their `to_table()` where they have one): what `build` reads
+    back into an equal object."""
+    if hasattr(obj, "to_table"):
+        return obj.to_table()
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, dict):
+            if not v:
+                continue  # an empty table is the default: omitted
+            v = copy.deepcopy(v)
+        out[f.name] = v
+    return out

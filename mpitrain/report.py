@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import statistics
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 

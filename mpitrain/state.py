@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, checkpoint
+from . import checkpoint
+from ._version import __version__
 from .errors import AgreedError, UserError
 from .faults import Diverged
 from .models import BUILTIN

@@ -54,13 +54,6 @@ def micro_batches(batches, k: int):
         yield group
 
 
-def to_device(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """numpy arrays as tensors on `device`; to a GPU through pinned memory, asynchronously."""
-    if device.type != "cuda":
-        return tuple(torch.from_numpy(a) for a in arrays)
-    return tuple(torch.from_numpy(a).pin_memory().to(device, non_blocking=True) for a in arrays)
-
-
 @dataclass(frozen=True)
 class Outcome:
     """What one step did: the summed loss of this rank's samples (0 when skipped), its

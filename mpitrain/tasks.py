@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .models import resolve
+from .callables import resolve
 
 LOSSES = {"classify": ("cross_entropy", "mse"), "regress": ("mse",), "lm": ("cross_entropy",)}
 WHAT = {"classify": "integer class labels", "regress": "float targets", "lm": "a token stream"}

@@ -22,7 +22,8 @@ from .faults import StopFlag, Stopped, Watchdog, collective_cleanup, inject_stra
 from .metrics import MetricsLog, check_tensorboard, trim as trim_metrics
 from .models import build_model, build_optimizer, build_schedule, model_id
 from .precision import Precision
-from .step import Step, micro_batches, to_device
+from .data.loader import to_device
+from .step import Step, micro_batches
 from .sync.helpers import average_buffers
 from .tasks import Metric, build_loss
 

@@ -1,8 +1,9 @@
-"""The cost model's formulas and its fit (no MPI)."""
+"""The cost model's formulas and its fit (no MPI calls), with the compressors' declared wire."""
 
 import pytest
 
 from mpitrain import costmodel
+from mpitrain.sync.compress import REGISTRY
 
 
 def test_ring_formulas():
@@ -29,8 +30,23 @@ def test_strategies_move_what_the_readme_says():
     full = costmodel.comm_seconds("allreduce", m, t, 4)
     assert full == pytest.approx(1.5 * 4e6 * 1e-9)
     assert costmodel.comm_seconds("local_sgd", m, t, 4, period=4) == pytest.approx(full / 4)
-    assert costmodel.comm_seconds("fp16", m, t, 4) == pytest.approx((0.75 * 2e6 + 3 * 2e6 / 4) * 1e-9)
-    assert costmodel.comm_seconds("topk", m, t, 4, ratio=0.01) == pytest.approx(3 * 8e4 * 1e-9)
-    # rank 2: P (1000 x 2) and Q (900 x 2), plus the 100,000 values outside the matrix in full
-    assert costmodel.comm_seconds("powersgd", m, t, 4, rank=2) == pytest.approx(1.5 * 4 * (2000 + 100_000 + 1800) * 1e-9)
+
+    def wire(kind, **options):  # what the compressor declares for the model as one bucket
+        cls = REGISTRY[kind]
+        return cls.wire(m.params, m.matrices, 4, cls.Options(**options))
+
+    def comm(kind, **options):
+        return costmodel.comm_seconds("allreduce", m, t, 4, wire=wire(kind, **options))
+    assert comm("fp16") == pytest.approx((0.75 * 2e6 + 3 * 2e6 / 4) * 1e-9)
+    assert comm("topk", ratio=0.01) == pytest.approx(3 * 8e4 * 1e-9)
+    assert comm("topk", ratio=0.01, payload="bf16") == pytest.approx(3 * 6e4 * 1e-9)  # int32 index + 2 bytes
+    assert comm("sign") == pytest.approx(3 * (1e6 / 8 + 4) * 1e-9)
+    # rank 2: the 100,000 values outside the matrix in full, P (1000 x 2), Q (900 x 2): three sums
+    assert comm("powersgd", rank=2, min_numel=0) == pytest.approx(1.5 * 4 * (100_000 + 2000 + 1800) * 1e-9)
+    assert wire("powersgd", rank=2, min_numel=0) == [("allreduce", 4 * 100_000), ("allreduce", 4 * 2000),
+                                                      ("allreduce", 4 * 1800)]
+    # a bf16 payload: each sum an all-to-all of 2-byte chunks and an allgather of 2-byte sums
+    assert wire("powersgd", rank=2, min_numel=0, payload="bf16")[2:4] == [("alltoall", 2 * 2000),
+                                                                           ("allgather", 2 * 500)]
+    assert wire("powersgd", min_numel=10**6) == [("allreduce", 4e6)]  # nothing large enough: one plain sum
     assert costmodel.step_seconds("allreduce", m, t, 4, compute=0.01, overlap=0.5) == pytest.approx(0.01 + full / 2)

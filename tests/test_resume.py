@@ -15,14 +15,15 @@ import torch
 import mpitrain.train
 from mpitrain import checkpoint, state
 from mpitrain.faults import Stopped, stop_flag
+from mpitrain.step import Step
 from mpitrain.train import train
 
 pytestmark = pytest.mark.mpi
 DETERMINISTIC = ["allreduce", "ps_sync", "local_sgd", "post_local_sgd", "bmuf", "easgd"]
 OPTIONS = {"post_local_sgd": {"local_start": 6}, "bmuf": {"period": 3}, "easgd": {"period": 3},
            "local_sgd": {"period": 3}}
-COMPRESS = {"topk": {"compress": "topk", "topk_ratio": 0.1}, "sign": {"compress": "sign"},
-            "powersgd": {"compress": "powersgd", "powersgd_rank": 2, "powersgd_min_numel": 0}}
+COMPRESS = {"topk": {"compress": {"kind": "topk", "ratio": 0.1}}, "sign": {"compress": {"kind": "sign"}},
+            "powersgd": {"compress": {"kind": "powersgd", "rank": 2, "min_numel": 0}}}
 
 
 def params(model):
@@ -41,13 +42,13 @@ def _cfg(make_cfg, run, digits_h5, strategy, options=None, **train_kw):
 def _stop_at(monkeypatch, world, step):
     """Rank 0 gets SIGUSR1 (as from Slurm) during step `step`: every rank checkpoints after
     it and stops."""
-    calls = {"n": 0}
+    agree = Step.agree
 
-    def fake_straggler(world_, cfg_train, t_compute):
-        calls["n"] += 1
-        if calls["n"] == step and world.is_root:
+    def signal_then_agree(self, stop, loss):
+        if self.steps + 1 == step and world.is_root:
             stop_flag().signum = signal.SIGUSR1
-    monkeypatch.setattr(mpitrain.train, "inject_straggler", fake_straggler)
+        return agree(self, stop, loss)
+    monkeypatch.setattr(Step, "agree", signal_then_agree)
 
 
 @pytest.mark.parametrize("strategy", DETERMINISTIC)
@@ -89,12 +90,12 @@ def test_compressed_resume_is_exact(world, shared_tmp, digits_h5, make_cfg, monk
     monkeypatch.undo()
 
     def saved():
-        snap = checkpoint.read(checkpoint.path_for(shared_tmp / "run", stop))
-        keys = [sorted(r) for r in snap.rank_state]
-        q = sorted(k for k in snap.strategy_state if k.startswith(f"{kind}.q."))
-        return keys, q, any(np.any(r[k] != 0) for r in snap.rank_state for k in r)
+        tree = checkpoint.read(checkpoint.path_for(shared_tmp / "run", stop))
+        own = [_flat(r.get("strategy", {})) for r in tree["ranks"].values()]
+        q = sorted(k for k in _flat(tree["strategy"]) if "_q" in k)
+        return [sorted(o) for o in own], q, any(np.any(v != 0) for o in own for v in o.values())
     keys, q, nonzero = world.bcast(saved() if world.is_root else None)  # every rank asserts alike
-    assert len(keys) == world.size and all(k and all(n.startswith(f"rank.{kind}.") for n in k) for k in keys), keys
+    assert len(keys) == world.size and all(k and all(kind in n for n in k) for k in keys), keys
     assert nonzero and (q if kind == "powersgd" else not q), (q, nonzero)
     _, got = train(_cfg(make_cfg, shared_tmp / "run", digits_h5, "allreduce", opts), world, world.logger())
     assert torch.equal(params(got), params(ref)), (kind, stop)
@@ -109,15 +110,23 @@ class _Lines(logging.Handler):
         self.lines.append((record.levelno, record.getMessage()))
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A tree's arrays keyed by their paths."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _resume_observed(world, cfg, monkeypatch):
     """Train cfg (a resume); returns (log lines, the compressor's (own, shared) state right
-    after setup and right after restore_strategy, final params)."""
+    after setup and right after restore_strategy, flattened, final params)."""
     seen, orig = {}, state.restore_strategy
 
-    def spy(job, snap):
-        seen["fresh"] = job.strategy.rank_state_dict()
-        orig(job, snap)
-        seen["restored"] = job.strategy.rank_state_dict()
+    def spy(step, tree, log=None):
+        seen["fresh"] = (_flat(step.strategy.rank_state_dict()), _flat(step.strategy.state_dict()))
+        orig(step, tree, log)
+        seen["restored"] = (_flat(step.strategy.rank_state_dict()), _flat(step.strategy.state_dict()))
     monkeypatch.setattr(state, "restore_strategy", spy)
     log, lines = world.logger(), _Lines()
     log.addHandler(lines)
@@ -130,11 +139,13 @@ def _resume_observed(world, cfg, monkeypatch):
 
 
 def _rewrite(world, path, change):
-    """Rank 0 rewrites the checkpoint at path with change(snapshot) applied."""
+    """Rank 0 rewrites the checkpoint at path with change(tree, meta) applied."""
     def edit():
-        snap = checkpoint.read(path)
-        change(snap)
-        checkpoint.write(path, snap)
+        tree = checkpoint.read(path)
+        meta = tree.pop("meta")
+        change(tree, meta)
+        tree["optim"]["param_groups"] = json.dumps(tree["optim"]["param_groups"])
+        checkpoint.write(path, tree, meta)
     world.on_root(edit)
 
 
@@ -145,12 +156,11 @@ def test_compressed_resume_at_another_world_size(world, shared_tmp, digits_h5, m
     run, opts = shared_tmp / "ws", COMPRESS["powersgd"]
     train(_cfg(make_cfg, run, digits_h5, "allreduce", opts, max_steps=6), world, world.logger())
 
-    def one_more_rank(snap):  # as if written at world.size + 1 ranks
-        snap.rank_state.append(dict(snap.rank_state[-1]))
-        snap.rng = np.concatenate([snap.rng, snap.rng[-1:]])
-        snap.world_size += 1
+    def one_more_rank(tree, meta):  # as if written at world.size + 1 ranks
+        tree["ranks"][str(len(tree["ranks"]))] = tree["ranks"][str(len(tree["ranks"]) - 1)]
+        meta["world_size"] += 1
     _rewrite(world, checkpoint.path_for(run, 6), one_more_rank)
-    saved_q = world.bcast(checkpoint.read(checkpoint.path_for(run, 6)).strategy_state if world.is_root else None)
+    saved_q = world.bcast(_flat(checkpoint.read(checkpoint.path_for(run, 6))["strategy"]) if world.is_root else None)
     lines, seen, p = _resume_observed(world, _cfg(make_cfg, run, digits_h5, "allreduce", opts, max_steps=10),
                                       monkeypatch)
     own, shared = seen["restored"]
@@ -174,8 +184,10 @@ def test_checkpoint_without_compressor_state(world, shared_tmp, digits_h5, make_
     run = shared_tmp / "old"
     train(_cfg(make_cfg, run, digits_h5, "allreduce", COMPRESS[written], max_steps=6), world, world.logger())
     if written == resumed:  # as an older mpitrain wrote it
-        def strip(snap):
-            snap.rank_state, snap.strategy_state = [], {}
+        def strip(tree, meta):
+            tree["strategy"] = {}
+            for r in tree["ranks"].values():
+                r.pop("strategy", None)
         _rewrite(world, checkpoint.path_for(run, 6), strip)
     lines, seen, p = _resume_observed(
         world, _cfg(make_cfg, run, digits_h5, "allreduce", COMPRESS[resumed], max_steps=10), monkeypatch)

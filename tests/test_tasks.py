@@ -116,5 +116,5 @@ def test_batchnorm_statistics_agree_across_ranks(world, shared_tmp, digits_h5, m
     assert bufs and all(np.abs(v).sum() > 0 for k, v in bufs.items() if "mean" in k)
     digest = hashlib.sha256(b"".join(v.tobytes() for v in bufs.values())).hexdigest()
     assert len(set(world.allgather(digest))) == 1
-    snap = checkpoint.read(checkpoint.list_checkpoints(cfg.run_dir)[0])
-    assert all(np.array_equal(snap.model[k], v) for k, v in bufs.items())
+    tree = checkpoint.read(checkpoint.list_checkpoints(cfg.run_dir)[0])
+    assert all(np.array_equal(tree["model"][k], v) for k, v in bufs.items())

@@ -14,10 +14,17 @@ place that turns "auto" into a mode):
   no background progress on Iallreduce while Python computes.
 - "nonblocking": Iallreduce per bucket from the hook, Waitall at the end.
 - "none": all buckets reduced after backward (the naive baseline, same arithmetic).
+
+A `reducer` replaces the SUM allreduce of each bucket by an object of the caller's (e.g.
+a gradient compressor, made once per bucket): its `reduce_(buf, step)` runs where the
+allreduce would (the communication thread, or at `finish` for "none"; "nonblocking" has
+no place to run it and becomes "thread", or "none" without MPI_THREAD_MULTIPLE), on a
+World over the buckets' private communicator. comm/ knows nothing of what it does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -75,11 +82,18 @@ class NodeHierarchy:
 
 class GradBuckets:
     """Gradients of `params` in flat bucket buffers, summed (or averaged) over the world's
-    ranks as they become ready. Collective to create and to `close`."""
+    ranks as they become ready. Collective to create and to `close`.
+
+    `reducer(buf, layout, world)`, if given, is called once per bucket (its flat buffer,
+    the (offset, shape) of each parameter in it, a World on the buckets' communicator) and
+    returns the object whose `reduce_(buf, step)` turns the bucket into the sum over ranks
+    in place, instead of an allreduce (no hierarchy, no staging: it does its own transfers).
+    `step` is the number passed to the last `finish` + 1; before the first `finish(step)`
+    it is unknown, so that step's reductions wait for `finish` (no overlap once)."""
 
     def __init__(self, params, world, *, bucket_bytes: int, first_bucket_bytes: int,
                  overlap: str = "thread", average: bool = True, cuda_path: str = "auto",
-                 hierarchical: bool | str = False, log=None):
+                 hierarchical: bool | str = False, reducer=None, log=None):
         self.comm = world.comm.Dup()
         self.size = self.comm.Get_size()
         # average=False: the caller pre-scaled the loss, the SUM is already the mean (saves a pass)
@@ -100,10 +114,13 @@ class GradBuckets:
         self.buffers: list[torch.Tensor] = []
         self.views: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.bucket_of: dict[torch.nn.Parameter, int] = {}
+        self.layouts: list[list[tuple[int, torch.Size]]] = []  # per bucket: (offset, shape) of each parameter
         for b, ps in enumerate(self.buckets):
             flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
             off = 0
+            self.layouts.append([])
             for p in ps:
+                self.layouts[b].append((off, p.shape))
                 view = flat[off:off + p.numel()].view_as(p)
                 if p.grad is not None:
                     view.copy_(p.grad)
@@ -115,13 +132,25 @@ class GradBuckets:
         self.nbytes = sum(f.numel() * f.element_size() for f in self.buffers)
         self.is_cuda = bool(self.buffers) and self.buffers[0].is_cuda
         self.overlap = resolve_overlap(overlap, 1, self.is_cuda, world.thread_multiple)
+        if reducer is not None and self.overlap == "nonblocking":  # no Iallreduce to hand it to
+            self.overlap = "thread" if world.thread_multiple else "none"
+            if log and world.is_root:
+                log.info(f"overlap 'nonblocking' has no nonblocking form of a bucket reducer: '{self.overlap}'")
         self.direct = self.is_cuda and self._choose_direct(cuda_path, world, log)
         # host mirrors: CUDA buckets on the staged path or with Iallreduce (never on device
         # buffers: nothing would order it with the GPU streams), and fp16/bf16 (summed in float32)
         staged = not self.direct or self.overlap == "nonblocking"
-        self.stagers = [buffers.Stager(f) if (f.is_cuda and staged) or f.dtype in buffers.VIA_FLOAT32
+        self.stagers = [buffers.Stager(f) if reducer is None and ((f.is_cuda and staged)
+                                                                  or f.dtype in buffers.VIA_FLOAT32)
                         else None for f in self.buffers]
-        self.hierarchy = self._choose_hierarchy(hierarchical, world, log) if self.buffers else None
+        self.hierarchy = (self._choose_hierarchy(hierarchical, world, log) if self.buffers and reducer is None
+                          else None)
+        self.step: int | None = None  # the step of the next reduction (for the reducer)
+        self.reducers = None
+        if reducer is not None:
+            # the buckets' own communicator (the comm thread's), and the path chosen above
+            bucket_world = dataclasses.replace(world, comm=self.comm, direct_cuda=world.direct_cuda)
+            self.reducers = [reducer(f, lay, bucket_world) for f, lay in zip(self.buffers, self.layouts)]
         if self.hierarchy is not None and self.overlap == "nonblocking":
             self.overlap = "none"  # three dependent collectives: no single nonblocking call
         self.paused = False
@@ -142,6 +171,7 @@ class GradBuckets:
         self._events = [None] * len(self.buckets)
         self._launched = [0] * len(self.buckets)  # trace: when each bucket was launched
         self._reqs: list[MPI.Request] = []
+        self._deferred: list[int] = []  # launched before the step was known (reducers)
 
     def zero_(self):
         for f in self.buffers:
@@ -172,7 +202,12 @@ class GradBuckets:
 
     def _launch(self, b: int):
         self._launched[b] = trace.current().now()
-        buffers.TRAFFIC.add(self.buffers[b].numel() * self.buffers[b].element_size())
+        if self.reducers is not None:  # it counts its own traffic
+            if self.step is None:
+                self._deferred.append(b)
+                return
+        else:
+            buffers.TRAFFIC.add(self.buffers[b].numel() * self.buffers[b].element_size())
         if self.overlap == "thread":
             self._work.put(b)
         elif self.overlap == "nonblocking":  # through host mirrors for CUDA and half types
@@ -182,8 +217,13 @@ class GradBuckets:
 
     def _reduce_blocking(self, b: int):
         flat = self.buffers[b]
-        buffers.allreduce_(self.comm, flat, direct=self.direct, stager=self.stagers[b], ready=self._events[b],
-                           count=False, via=self.hierarchy)
+        if self.reducers is not None:
+            if self._events[b] is not None:  # this thread's stream starts after the bucket is complete
+                torch.cuda.current_stream(flat.device).wait_event(self._events[b])
+            self.reducers[b].reduce_(flat, self.step)
+        else:
+            buffers.allreduce_(self.comm, flat, direct=self.direct, stager=self.stagers[b], ready=self._events[b],
+                               count=False, via=self.hierarchy)
         if self.scale is not None:
             flat.mul_(self.scale)
         self._traced(b)
@@ -211,13 +251,20 @@ class GradBuckets:
             except BaseException as e:  # hand the failure to the training thread
                 self._done.put(e)
 
-    def finish(self):
+    def finish(self, step: int | None = None):
         """Collective: launch any bucket whose hooks did not fire (unused parameters),
         wait for all reductions; afterwards every .grad holds the sum over ranks, times
-        1/size if `average`."""
+        1/size if `average`. `step`: this step's number, for the reducers (the next
+        step's is assumed to be step + 1)."""
         for b in range(len(self.buckets)):
             if not self._ready[b]:
                 self._mark_ready(b)
+        if self._deferred:  # the first step: its number is known only now
+            self.step = step if step is not None else 0
+            deferred, self._deferred = self._deferred, []
+            if self.overlap == "thread":
+                for b in deferred:
+                    self._work.put(b)
         if self.overlap == "thread":
             for _ in self.buckets:
                 err = self._done.get()
@@ -238,6 +285,10 @@ class GradBuckets:
         else:
             for b in range(len(self.buckets)):
                 self._reduce_blocking(b)
+        if step is not None:
+            self.step = step + 1
+        elif self.step is not None:
+            self.step += 1
         self._reset()
 
     def close(self):

@@ -38,7 +38,7 @@ from mpi4py import MPI
 from ..errors import AgreedError
 
 from .buffers import TRAFFIC
-from .world import shard_bounds
+from .shards import shard_bounds
 
 F32 = MPI.FLOAT
 I64 = MPI.INT64_T

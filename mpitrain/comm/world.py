@@ -12,13 +12,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..errors import AgreedError, UserError
-
-
-def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
-    """[lo, hi) of rank's contiguous block of np.array_split(range(n), size)."""
-    base, extra = divmod(n, size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
+from .shards import shard_bounds
 
 
 def _ranges(ranks: list[int]) -> str:

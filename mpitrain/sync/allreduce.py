@@ -1,4 +1,6 @@
-"""Synchronous data parallelism: bucketed gradient allreduce overlapped with backward."""
+"""Synchronous data parallelism: bucketed gradient allreduce overlapped with backward,
+optionally compressed per bucket (sync/compress: the compressor runs where the bucket's
+allreduce would, on the communication thread)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,10 @@ import contextlib
 from dataclasses import dataclass
 
 from ..comm.collectives import GradBuckets, resolve_overlap
+from ..errors import UserError
 from ..options import opt
 from . import compress
 from .base import register
-from .helpers import FlatParams
 
 
 @dataclass(frozen=True)
@@ -18,90 +20,125 @@ class Options:
     first_bucket_mb: float = opt(1.0, gt=0.0, help="smaller first bucket starts communication early")
     overlap: str = opt("auto", choices=("auto", "thread", "nonblocking", "none"),
                        help="thread: blocking Allreduce per bucket on a comm thread; auto: thread when "
-                            "each rank has >= 2 cores or a GPU, else none (see README benchmarks)")
+                            "each rank has >= 2 cores or a GPU, else none (see README benchmarks); "
+                            "with compression, nonblocking becomes thread")
     cuda_path: str = opt("auto", choices=("auto", "direct", "staged"),
                          help="CUDA tensors: device buffers to a CUDA-aware MPI, or pinned-host staging")
     hierarchical: bool | str = opt("auto", choices=(True, False, "auto"),
                                    help="sum inside each node, then over one leader per node, then broadcast "
-                                        "in the node; auto: across nodes, where measured faster")
-    compress: str = opt("none", choices=("none", "fp16", "bf16", "topk", "powersgd", "sign"),
-                        help="gradient compression (reduced after backward, no bucket overlap); see README")
-    topk_ratio: float = opt(0.01, gt=0.0, max=1.0, help="topk: fraction of the values sent")
-    powersgd_rank: int = opt(2, min=1, max=4096, help="powersgd: rank of the approximation")
-    powersgd_start_step: int = opt(0, min=0, help="powersgd: plain allreduce for this many steps first")
-    powersgd_min_numel: int = opt(4096, min=0, help="powersgd: smaller tensors and vectors go uncompressed")
+                                        "in the node; auto: across nodes, where measured faster (uncompressed "
+                                        "buckets only)")
+    compress: compress.Compress = opt(compress.Compress(),
+                                      help="[sync.allreduce.compress]: kind and that compressor's keys")
 
 
 @register("allreduce")
 class AllreduceStrategy:
     """Every step: mean of the gradients over all ranks, then the same optimizer step
     everywhere. Optimizer state stays local and identical on all ranks. The loss is
-    pre-scaled by 1/global batch, so the SUM the buckets compute is already the mean."""
+    pre-scaled by 1/global batch, so the SUM the buckets compute is already the mean.
+
+    Checkpoint state (Stateful / RankStateful): the compressors' per bucket,
+    {"compress": {"<bucket>": {...}}} — the arrays equal on every rank (PowerSGD's Q) in
+    `state_dict`, this rank's own (error-feedback residuals) in `rank_state_dict`; {}
+    where there are none (no compression, fp16/bf16)."""
 
     Options = Options
     sums_gradients = True
-    replicas_differ = False
+    replicas_differ = False  # the same parameters and optimizer state on every rank
 
     def __init__(self, options: Options, world, log=None):
         self.options, self.world, self.log = options, world, log
         self.buckets: GradBuckets | None = None
-        self.compressor = None
+        if options.compress.kind != "none" and options.hierarchical is True:
+            raise UserError(f"sync.allreduce.hierarchical = true does not combine with compress.kind = "
+                            f"{options.compress.kind!r} (a compressor sends its own collectives): set "
+                            "hierarchical = false or 'auto'")
 
     def setup(self, model, optimizer, resources):
         o = self.options
         self.world.broadcast_module(model)
-        if o.compress != "none":
-            self.flat = FlatParams(model)
-            self.compressor = compress.create(o, self.world, self.flat.params, self.flat.grad)
-            if self.log and self.world.is_root:
-                self.log.info(f"allreduce: compress {o.compress}, one reduction after backward")
-            return
         on_gpu = next(model.parameters()).is_cuda
         overlap = resolve_overlap(o.overlap, self.world.cores_per_rank(), on_gpu, self.world.thread_multiple)
         self.buckets = GradBuckets(model.parameters(), self.world, bucket_bytes=int(o.bucket_mb * 2**20),
                                    first_bucket_bytes=int(o.first_bucket_mb * 2**20), overlap=overlap,
                                    average=False, cuda_path=o.cuda_path, hierarchical=o.hierarchical,
-                                   log=self.log)
+                                   reducer=self._compressor(), log=self.log)
         resources.callback(self.buckets.close)
         if self.log and self.world.is_root:
             sizes = ", ".join(f"{b.numel() * b.element_size() / 2**20:.1f}" for b in self.buckets.buffers)
             h = self.buckets.hierarchy
             self.log.info(f"allreduce: {len(self.buckets.buffers)} buckets ({sizes} MB), overlap {self.buckets.overlap}"
                           + (f", CUDA {'direct' if self.buckets.direct else 'staged'}" if on_gpu else "")
-                          + (f", hierarchical over {h.nodes} node(s)" if h is not None else ""))
+                          + (f", hierarchical over {h.nodes} node(s)" if h is not None else "")
+                          + (f", compress {o.compress.kind} per bucket" if o.compress.kind != "none" else ""))
+
+    def _compressor(self):
+        """The per-bucket reducer GradBuckets makes: the selected compressor, or None."""
+        spec = self.options.compress
+        if spec.kind == "none":
+            return None
+        cls = compress.REGISTRY[spec.kind]
+        return lambda buf, layout, world: cls(spec.options, buf, layout, world)
+
+    @property
+    def compressors(self) -> list:
+        """The compressor of each bucket ([] without compression)."""
+        return (self.buckets.reducers or []) if self.buckets is not None else []
+
+    def wire(self) -> compress.Wire:
+        """What a compressed step sends, as the compressors declare it (bucket by bucket);
+        [] without compression."""
+        spec, out = self.options.compress, []
+        for buf, ps in zip(self.buckets.buffers, self.buckets.buckets) if self.compressors else ():
+            matrices = [(p.shape[0], p.numel() // p.shape[0]) for p in ps if p.ndim >= 2]
+            out += compress.REGISTRY[spec.kind].wire(buf.numel(), matrices, self.world.size, spec.options)
+        return out
 
     def after_backward(self, step):
-        if self.compressor is not None:
-            self.compressor.reduce_(self.flat.gather_grads(), step)
-        else:
-            self.buckets.finish()
+        self.buckets.finish(step)
 
     def after_step(self, step):
         pass
 
-    def rank_state_dict(self):
-        """A compressor's state: (this rank's error feedback, PowerSGD's Q), keys prefixed
-        with the compressor's name; ({}, {}) without compression or for fp16/bf16."""
-        if self.compressor is None:
-            return {}, {}
-        own, shared = self.compressor.state()
-        prefix = f"{self.options.compress}."
-        return compress.state_arrays(own, prefix), compress.state_arrays(shared, prefix)
+    def state_dict(self) -> dict:
+        """The compressors' state equal on every rank: {"compress": {"<bucket>": arrays}} or {}."""
+        return self._tree("state_dict")
 
-    def load_rank_state_dict(self, own, shared):
-        """The compressor's state from a checkpoint; what it lacks (an older checkpoint, or
-        other compress options) starts afresh, with one line on rank 0."""
-        if self.compressor is None:
-            return
-        mine, common = self.compressor.state()
-        prefix, fresh = f"{self.options.compress}.", []
-        if own is not None and not compress.load_state(mine, own, prefix):
-            fresh.append("error feedback starts at zero")
-        if not compress.load_state(common, shared, prefix):
-            fresh.append("Q starts afresh")
+    def rank_state_dict(self) -> dict:
+        """This rank's compressor state (residuals): {"compress": {"<bucket>": arrays}} or {}."""
+        return self._tree("rank_state_dict")
+
+    def load_state_dict(self, tree: dict) -> None:
+        """After setup: the compressors' shared state; what is missing or does not fit starts
+        afresh (named in one info line on rank 0 by load_rank_state_dict, which follows)."""
+        self._fresh = self._load(tree, "load_state_dict", "its shared state (PowerSGD's Q) starts afresh")
+
+    def load_rank_state_dict(self, tree: dict | None) -> None:
+        """After load_state_dict: this rank's compressor state; None (written at another
+        world size): it stays as set up (zero residuals); what is missing or does not fit
+        starts afresh. One info line on rank 0 names what started afresh."""
+        fresh = getattr(self, "_fresh", [])
+        if tree is not None:
+            fresh += self._load(tree, "load_rank_state_dict", "error feedback starts at zero")
+        self._fresh = []
         if fresh and self.log and self.world.is_root:
-            self.log.info(f"allreduce: the checkpoint holds no {self.options.compress} state (written before it "
-                          f"was saved, or with other compress options): {', '.join(fresh)}")
+            self.log.info(f"allreduce: the checkpoint holds no {self.options.compress.kind} state (written before "
+                          f"it was saved, or with other compress or bucket options): {'; '.join(fresh)}")
+
+    def _tree(self, method: str) -> dict:
+        per = {str(i): getattr(c, method)() for i, c in enumerate(self.compressors)}
+        per = {k: v for k, v in per.items() if v}
+        return {"compress": per} if per else {}
+
+    def _load(self, tree, method: str, fresh: str) -> list[str]:
+        """Load each bucket's part; returns what started afresh ([] if everything fit)."""
+        got = tree.get("compress", {}) if isinstance(tree, dict) else {}
+        got = got if isinstance(got, dict) else {}
+        missed = [i for i, c in enumerate(self.compressors) if not getattr(c, method)(got.get(str(i), {}))]
+        if not missed:
+            return []
+        return [f"{'bucket' if len(missed) == 1 else 'buckets'} {', '.join(map(str, missed))}: {fresh}"]
 
     def consolidated(self):
         return contextlib.nullcontext()  # the replicas never differ

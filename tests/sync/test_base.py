@@ -9,6 +9,7 @@ from mpitrain import config
 from mpitrain.errors import UserError
 from mpitrain.options import opt
 from mpitrain.sync import REGISTRY, Reporting, Stateful, create, register, roles
+from mpitrain.sync.base import RankStateful
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ def test_a_registered_strategy_is_configurable_and_created(world):
         class Dummy:
             Options = _Options
             sums_gradients = False
+            replicas_differ = True
 
             def __init__(self, options, world, log=None):
                 self.options, self.world = options, world
@@ -68,4 +70,5 @@ def test_what_the_strategies_declare():
         assert issubclass(REGISTRY[n], Reporting) and issubclass(REGISTRY[n], Stateful)
     for n in ("bmuf", "easgd", "easgd_async"):  # replicated / stored state beyond the model
         assert issubclass(REGISTRY[n], Stateful)
-    assert not issubclass(REGISTRY["allreduce"], Stateful)
+    # allreduce: state only with a stateful compressor (PowerSGD's Q; residuals per rank)
+    assert issubclass(REGISTRY["allreduce"], Stateful) and issubclass(REGISTRY["allreduce"], RankStateful)
