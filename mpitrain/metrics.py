@@ -76,3 +76,21 @@ def check_tensorboard() -> None:
     except ImportError:
         raise UserError("output.tensorboard = true needs the tensorboard package "
                         "(pip install 'mpitrain[tensorboard]'; scripts/setup.sh installs it)") from None
+
+
+def reset(path: Path, pos, train_cfg, log) -> None:
+    """Rank 0: metrics.jsonl keeps the rows up to the resumed position `pos` (a
+    state.Position; emptied on a fresh start)."""
+    try:
+        if pos.restored is None:
+            files.replace_text(path, "")
+            return
+        finished = pos.epoch >= train_cfg.epochs or pos.step >= (train_cfg.max_steps or float("inf"))
+        # an unfinished epoch is trained (and its row written) again from the position
+        torn = trim(path, pos.step, None if finished else pos.epoch)
+    except OSError as e:
+        raise UserError(f"{path}: cannot rewrite: {e.strerror or e}") from None
+    if torn:
+        log.warning(f"{path}: dropped {torn} line(s) that were not JSON rows (a torn write)")
+    log.info(f"resuming from step {pos.step} (epoch {pos.epoch + 1}, checkpoint written at "
+             f"{pos.restored['meta']['world_size']} ranks)")

@@ -8,7 +8,7 @@ same `backward` and `finish` from the user's loop):
     for each micro-batch:                       # train.accumulate of them
         forward and loss under autocast         # train.precision
         backward of loss x weight (x fp16 scale) # the strategy's reduction only after the last (no_sync)
-    agree: a stop signal, a non-finite loss     # one tiny allreduce (lockstep strategies)
+    agree: a stop signal, a non-finite loss     # one tiny allreduce (lockstep strategies); skip_step if so
     strategy.after_backward                     # reduce / push: .grad is what to apply
     unscale, clip, optimizer.step               # precision.step (an fp16 overflow skips it everywhere)
     strategy.after_step                         # average / pull
@@ -31,7 +31,7 @@ import torch
 
 from . import trace
 from .faults import Diverged
-from .sync.base import NoSync
+from .sync.base import NoSync, Skipping
 
 
 def loss_weight(sums_gradients: bool, world_size: int, per: float) -> float:
@@ -127,6 +127,8 @@ class Step:
             with tracer.span("wait"):
                 signum, nonfinite = self.agree(stop, loss)
             overflow = False
+            if nonfinite and isinstance(self.strategy, Skipping):
+                self.strategy.skip_step(k)
             if not nonfinite:
                 with tracer.span("reduce"):
                     self.strategy.after_backward(k)

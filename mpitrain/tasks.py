@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
 from .callables import resolve
+from .comm import heartbeat
+from .data.loader import to_device
+from .errors import UserError
 
 LOSSES = {"classify": ("cross_entropy", "mse"), "regress": ("mse",), "lm": ("cross_entropy",)}
 WHAT = {"classify": "integer class labels", "regress": "float targets", "lm": "a token stream"}
@@ -80,3 +83,20 @@ class Metric:
 
     def row(self, mean: float) -> float:
         return math.exp(min(mean, 700.0)) if self.task == "lm" else mean
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, metric, split, world, device, batch_size: int = 256) -> dict:
+    """Collective: test loss and the task's metric (test_acc, test_mse or test_ppl) over the
+    whole split, in fp32; each rank evaluates its shard."""
+    model.eval()
+    lo, hi = world.shard(split.total)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, metric: read once at the end
+    for a in range(lo, hi, batch_size):
+        x, y = to_device(split.take(np.arange(a, min(a + batch_size, hi))), device)
+        heartbeat.tick()
+        out = model(x)
+        sums += torch.stack([loss_fn(out, y).double(), metric.batch(out, y).double()])
+    loss, value, count = world.sum(np.append(sums.cpu().numpy(), hi - lo))
+    model.train()
+    return {"test_loss": loss / count, metric.name: metric.row(value / count)}

@@ -112,3 +112,18 @@ def hidden_fraction(trace: dict) -> float | None:
 def write(path, trace: dict) -> None:
     with open(path, "w") as f:
         json.dump(trace, f)
+
+
+def save(world, tracer: Tracer, path, log) -> None:
+    """Collective: rank 0 merges every rank's events into `path` (RUN_DIR/trace.json)."""
+    gathered = world.gather(tracer.events)
+
+    def write_merged():
+        try:
+            write(path, merge(gathered))
+        except OSError as e:
+            from .errors import UserError
+
+            raise UserError(f"{path}: cannot write the trace: {e.strerror or e}") from None
+        log.info(f"timeline of {len(gathered)} ranks in {path} (open it in https://ui.perfetto.dev)")
+    world.on_root(write_merged)

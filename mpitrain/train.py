@@ -13,19 +13,18 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, files, state, sync, trace
-from .comm import heartbeat
 from .config import Config
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler
 from .errors import UserError
 from .faults import StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag, watchdog
-from .metrics import MetricsLog, check_tensorboard, trim as trim_metrics
+from .metrics import MetricsLog, check_tensorboard, reset as reset_metrics
 from .models import build_model, build_optimizer, build_schedule, model_id
 from .precision import Precision
 from .data.loader import to_device
 from .step import Step, micro_batches
 from .sync.helpers import average_buffers
-from .tasks import Metric, build_loss
+from .tasks import Metric, build_loss, evaluate
 
 
 def configure_threads(threads: int, world) -> int:
@@ -56,23 +55,6 @@ def prepare_run_dir(cfg: Config, world) -> Path:
                 raise UserError(f"output.dir: cannot write to {run_dir}: {e.strerror}") from None
     world.agree(make)
     return run_dir
-
-
-@torch.no_grad()
-def evaluate(model, loss_fn, metric: Metric, split, world, device, batch_size: int = 256) -> dict:
-    """Collective: test loss and the task's metric (test_acc, test_mse or test_ppl) over the
-    whole split, in fp32; each rank evaluates its shard."""
-    model.eval()
-    lo, hi = world.shard(split.total)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, metric: read once at the end
-    for a in range(lo, hi, batch_size):
-        x, y = to_device(split.take(np.arange(a, min(a + batch_size, hi))), device)
-        heartbeat.tick()
-        out = model(x)
-        sums += torch.stack([loss_fn(out, y).double(), metric.batch(out, y).double()])
-    loss, value, count = world.sum(np.append(sums.cpu().numpy(), hi - lo))
-    model.train()
-    return {"test_loss": loss / count, metric.name: metric.row(value / count)}
 
 
 @dataclass
@@ -163,23 +145,9 @@ def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
         with dog.phase("training"), trace.tracing(tracer):
             row = loop(job, pos, stop_flag(), dog)
         if tracer is not None:
-            write_trace(job, tracer)
+            trace.save(job.world, tracer, job.run_dir / "trace.json", job.log)
         resources.callback(dog.enter, "teardown")  # runs first: the release is watched too
         return row, job.model
-
-
-def write_trace(job: Job, tracer: trace.Tracer) -> None:
-    """Collective: rank 0 merges every rank's events into RUN_DIR/trace.json."""
-    gathered = job.world.gather(tracer.events)
-
-    def write():
-        path = job.run_dir / "trace.json"
-        try:
-            trace.write(path, trace.merge(gathered))
-        except OSError as e:
-            raise UserError(f"{path}: cannot write the trace: {e.strerror or e}") from None
-        job.log.info(f"timeline of {len(gathered)} ranks in {path} (open it in https://ui.perfetto.dev)")
-    job.world.on_root(write)
 
 
 def resume(job: Job) -> state.Position:
@@ -200,30 +168,11 @@ def resume(job: Job) -> state.Position:
         world.agree(state.check_position, tree, job.device, job.cfg.train.epochs, job.train_split.total)
         pos = world.agree(state.restore, job.step, tree, model_id=model_id(job.cfg.model), schedule=job.schedule,
                           log=job.log)
-    world.on_root(reset_metrics, job, pos)
+    world.on_root(reset_metrics, job.run_dir / "metrics.jsonl", pos, job.cfg.train, job.log)
     torch.manual_seed(job.cfg.train.seed * 7919 + world.rank)  # per-rank stream
     if tree is not None:
         state.restore_rng(tree, world.rank, job.device)
     return pos
-
-
-def reset_metrics(job: Job, pos: state.Position) -> None:
-    """Rank 0: metrics.jsonl keeps the rows up to the resumed step (emptied on a fresh start)."""
-    path = job.run_dir / "metrics.jsonl"
-    try:
-        if pos.restored is None:
-            files.replace_text(path, "")
-            return
-        t = job.cfg.train
-        finished = pos.epoch >= t.epochs or pos.step >= (t.max_steps or float("inf"))
-        # an unfinished epoch is trained (and its row written) again from the position
-        torn = trim_metrics(path, pos.step, None if finished else pos.epoch)
-    except OSError as e:
-        raise UserError(f"{path}: cannot rewrite: {e.strerror or e}") from None
-    if torn:
-        job.log.warning(f"{path}: dropped {torn} line(s) that were not JSON rows (a torn write)")
-    job.log.info(f"resuming from step {pos.step} (epoch {pos.epoch + 1}, checkpoint written at "
-                 f"{pos.restored['meta']['world_size']} ranks)")
 
 
 def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:

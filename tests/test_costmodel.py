@@ -2,7 +2,7 @@
 
 import pytest
 
-from mpitrain import costmodel
+from mpitrain.bench import costmodel
 from mpitrain.sync.compress import REGISTRY
 
 

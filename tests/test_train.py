@@ -119,10 +119,15 @@ def test_non_finite_loss_stops_before_applying_it(world, shared_tmp, digits_with
         assert names[:1] == ([f"ckpt-{bad_step - 1:09d}.h5"] if bad_step > 1 else [])
 
 
-def test_non_finite_loss_skipped_on_every_rank(world, shared_tmp, digits_with_a_nan, make_cfg):
+@pytest.mark.parametrize("allreduce", [{}, {"overlap": "thread", "bucket_mb": 0.001, "first_bucket_mb": 0.001},
+                                       {"overlap": "thread", "compress": {"kind": "topk", "ratio": 0.1}},
+                                       {"overlap": "none", "compress": {"kind": "powersgd", "rank": 1, "min_numel": 0}}])
+def test_non_finite_loss_skipped_on_every_rank(world, shared_tmp, digits_with_a_nan, make_cfg, allreduce):
+    """The skipped step's reductions, launched during backward, are completed (skip_step)
+    and leave no non-finite compressor state: training goes on, the replicas stay equal."""
     cfg = make_cfg(shared_tmp / "skip", digits_with_a_nan, data={"check_finite": False, "mode": "replicated"},
-                   model={"name": "mlp", "hidden": [16]}, train={"batch_size": 4, "epochs": 1,
-                                                                  "on_nonfinite": "skip"})
+                   model={"name": "mlp", "hidden": [16]}, sync={"strategy": "allreduce", "allreduce": allreduce},
+                   train={"batch_size": 4, "epochs": 1, "on_nonfinite": "skip"})
     row, model = train(cfg, world, world.logger())
     assert row["skipped_steps"] == 1, row
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

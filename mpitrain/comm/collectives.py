@@ -32,7 +32,6 @@ import time
 import torch
 from mpi4py import MPI
 
-from .. import trace
 from . import buffers
 
 
@@ -80,6 +79,21 @@ class NodeHierarchy:
         self.node.Free()
 
 
+class _NoTimeline:
+    def now(self) -> int:
+        return 0
+
+    def add(self, *args, **kwargs) -> None:
+        pass
+
+
+def _no_timeline() -> _NoTimeline:
+    return _NO_TIMELINE
+
+
+_NO_TIMELINE = _NoTimeline()
+
+
 class GradBuckets:
     """Gradients of `params` in flat bucket buffers, summed (or averaged) over the world's
     ranks as they become ready. Collective to create and to `close`.
@@ -89,12 +103,15 @@ class GradBuckets:
     returns the object whose `reduce_(buf, step)` turns the bucket into the sum over ranks
     in place, instead of an allreduce (no hierarchy, no staging: it does its own transfers).
     `step` is the number passed to the last `finish` + 1; before the first `finish(step)`
-    it is unknown, so that step's reductions wait for `finish` (no overlap once)."""
+    it is unknown, so that step's reductions wait for `finish` (no overlap once).
+    `timeline()`, if given, returns where each bucket's reduction is recorded (an object
+    with `now()` and `add(name, begin, end, track, **args)`, e.g. mpitrain.trace.current)."""
 
     def __init__(self, params, world, *, bucket_bytes: int, first_bucket_bytes: int,
                  overlap: str = "thread", average: bool = True, cuda_path: str = "auto",
-                 hierarchical: bool | str = False, reducer=None, log=None):
+                 hierarchical: bool | str = False, reducer=None, timeline=None, log=None):
         self.comm = world.comm.Dup()
+        self.timeline = timeline or _no_timeline
         self.size = self.comm.Get_size()
         # average=False: the caller pre-scaled the loss, the SUM is already the mean (saves a pass)
         self.scale = 1.0 / self.size if average and self.size > 1 else None
@@ -201,7 +218,7 @@ class GradBuckets:
             self._next += 1
 
     def _launch(self, b: int):
-        self._launched[b] = trace.current().now()
+        self._launched[b] = self.timeline().now()
         if self.reducers is not None:  # it counts its own traffic
             if self.step is None:
                 self._deferred.append(b)
@@ -234,7 +251,7 @@ class GradBuckets:
 
     def _traced(self, b: int) -> None:
         """Trace bucket b's reduction, from its launch to now."""
-        t = trace.current()
+        t = self.timeline()
         t.add("bucket", self._launched[b], t.now(), "comm" if self.overlap == "thread" else "main",
               bucket=b, bytes=self.buffers[b].numel() * self.buffers[b].element_size())
 

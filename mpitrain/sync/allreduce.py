@@ -7,6 +7,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
+
+from .. import trace
 from ..comm.collectives import GradBuckets, resolve_overlap
 from ..errors import UserError
 from ..options import opt
@@ -63,8 +66,9 @@ class AllreduceStrategy:
         self.buckets = GradBuckets(model.parameters(), self.world, bucket_bytes=int(o.bucket_mb * 2**20),
                                    first_bucket_bytes=int(o.first_bucket_mb * 2**20), overlap=overlap,
                                    average=False, cuda_path=o.cuda_path, hierarchical=o.hierarchical,
-                                   reducer=self._compressor(), log=self.log)
+                                   reducer=self._compressor(), timeline=trace.current, log=self.log)
         resources.callback(self.buckets.close)
+        self._initial = [c.state_dict() for c in self.compressors]  # a skipped step's fallback
         if self.log and self.world.is_root:
             sizes = ", ".join(f"{b.numel() * b.element_size() / 2**20:.1f}" for b in self.buckets.buffers)
             h = self.buckets.hierarchy
@@ -97,6 +101,19 @@ class AllreduceStrategy:
 
     def after_backward(self, step):
         self.buckets.finish(step)
+
+    def skip_step(self, step):
+        """A skipped step (non-finite loss): complete the reductions backward launched (every
+        rank agreed to skip, so every rank finishes), then drop what the non-finite gradient
+        left in the compressors: non-finite residuals become zeros, non-finite shared state
+        (PowerSGD's Q) starts afresh."""
+        self.buckets.finish(step)
+        for c, initial in zip(self.compressors, self._initial):
+            own = c.rank_state_dict()
+            if any(not np.isfinite(a).all() for a in own.values()):
+                c.load_rank_state_dict({k: np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) for k, a in own.items()})
+            if any(not np.isfinite(a).all() for a in c.state_dict().values()):
+                c.load_state_dict(initial)
 
     def after_step(self, step):
         pass

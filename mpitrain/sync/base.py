@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, ClassVar, ContextManager, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
 from ..errors import UserError
@@ -89,6 +88,17 @@ class RankStateful(Protocol):
         as saved at this world size ({} if the checkpoint has none), None when it was saved
         at another world size and is dropped. What is missing or does not fit starts
         afresh. Not collective."""
+
+
+@runtime_checkable
+class Skipping(Protocol):
+    """Optional, for strategies whose reduction starts during backward (hooks): a step the
+    ranks agreed to skip (a non-finite loss) must still complete what backward started."""
+
+    def skip_step(self, step: int) -> None:
+        """Collective, instead of after_backward/after_step on a skipped step: finish or
+        discard this step's reductions without applying anything, and keep no non-finite
+        state (e.g. compression residuals) from it."""
 
 
 @runtime_checkable

@@ -147,7 +147,7 @@ def test_half_precision_buckets_on_cpu(world, dtype, overlap):
 
 def test_same_as_torch_ddp_gloo(world):
     import torch.distributed as dist
-    from mpitrain.bench import init_gloo
+    from mpitrain.bench.timing import init_gloo
 
     ours = _toy_steps(world, _bucketed(world, "thread", 4096))
     init_gloo(world)

@@ -32,7 +32,7 @@ bucket of `numel` values whose weight matrices are `matrices` ((rows, cols) of t
 parameters with >= 2 dims): a list of (collective, bytes this rank sends per call) with
 collective one of "allreduce" (the buffer), "allgather" (this rank's part), "alltoall"
 (this rank's whole send buffer) — what `World.bytes_sent()` counts, and what
-`costmodel.comm_seconds(..., wire=...)` turns into seconds.
+`bench.costmodel.comm_seconds(..., wire=...)` turns into seconds.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
-"""`mpitrain bench step|allreduce|straggler|e2e`: speed measured against baselines in the same run
-(e2e, a job's own training step against one process and torch DDP, is in bench_e2e.py).
-
-Timings are the slowest rank's (MAX over ranks), variants run in interleaved rounds and
-the median round is reported, so a noisy neighbour hurts all variants alike.
-"""
+"""`mpitrain bench step|allreduce|straggler`: the communication layer and stragglers,
+measured against baselines in the same run (timing.py: the slowest rank's time, variants
+in interleaved rounds, the median round)."""
 
 from __future__ import annotations
 
-import platform
-import socket
 import statistics
 import time
 from datetime import date
@@ -17,23 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import buffers
-from .comm.collectives import GradBuckets, NodeHierarchy, resolve_overlap
-from .comm.world import library_version
-from .train import configure_threads
-
-
-def _parse_size(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(s[-1:], 1)
-    return int(float(s[:-1] if s[-1:] in "KMG" else s) * mult)
-
-
-def _header(world, what: str, threads: int) -> None:
-    if world.is_root:
-        print(f"# mpitrain bench {what}: {world.size} ranks x {threads} threads, "
-              f"{platform.processor() or platform.machine()}, {date.today()}, "
-              f"{library_version().replace(chr(0), '')}, torch {torch.__version__}")  # Open MPI ends it with a NUL
+from ..comm import buffers
+from ..comm.collectives import GradBuckets, NodeHierarchy, resolve_overlap
+from ..train import configure_threads
+from .timing import Variant, header, init_gloo, parse_size, sync_device, time_rounds
 
 
 def _mlp(features: int, hidden: list[int]) -> nn.Module:
@@ -42,13 +24,6 @@ def _mlp(features: int, hidden: list[int]) -> nn.Module:
         layers += [nn.Linear(w, h), nn.ReLU()]
         w = h
     return nn.Sequential(*layers, nn.Linear(w, 10))
-
-
-class _Variant:
-    """One way of doing a data-parallel step; `run(n)` does n steps."""
-
-    def __init__(self, name, model, step_fn, close=lambda: None):
-        self.name, self.model, self.step_fn, self.close = name, model, step_fn, close
 
 
 def step(args, world, log) -> None:
@@ -63,7 +38,7 @@ def step(args, world, log) -> None:
     x = torch.randn(args.batch, args.features, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     n_params = sum(p.numel() for p in base.parameters())
-    _header(world, "step", threads)
+    header(world, "step", threads)
     if world.is_root:
         print(f"# on {device} ({'CUDA ' + ('direct' if world.direct_cuda else 'staged') + ', ' if device.type == 'cuda' else ''}"
               f"MLP {args.features}-{'-'.join(map(str, hidden))}-10: {n_params:,} params "
@@ -85,7 +60,7 @@ def step(args, world, log) -> None:
         opt.zero_grad(set_to_none=False)
         F.cross_entropy(m(x), y).backward()
         opt.step()
-    variants.append(_Variant("compute only (no comm)", m, local))
+    variants.append(Variant("compute only (no comm)", m, local))
 
     for overlap in ("thread", "nonblocking", "none"):
         m, opt = fresh()
@@ -98,7 +73,7 @@ def step(args, world, log) -> None:
             (F.cross_entropy(m(x), y) / world.size).backward()
             bk.finish()
             opt.step()
-        variants.append(_Variant(f"mpitrain sync ({overlap})", m, mp, bk.close))
+        variants.append(Variant(f"mpitrain sync ({overlap})", m, mp, close=bk.close))
 
     m, opt = fresh()
 
@@ -113,7 +88,7 @@ def step(args, world, log) -> None:
             g_.copy_(flat[off:off + g_.numel()].view_as(g_))
             off += g_.numel()
         opt.step()
-    variants.append(_Variant("naive flat allreduce", m, naive))
+    variants.append(Variant("naive flat allreduce", m, naive))
 
     if not args.no_ddp:
         init_gloo(world)
@@ -125,24 +100,14 @@ def step(args, world, log) -> None:
             opt.zero_grad(set_to_none=False)
             F.cross_entropy(ddp(x), y).backward()
             opt.step()
-        variants.append(_Variant("torch DDP (gloo)", ddp, ddp_step))
+        variants.append(Variant("torch DDP (gloo)", ddp, ddp_step))
 
-    rounds = {v.name: [] for v in variants}
-    for r in range(args.repeats):
-        for v in variants:
-            for _ in range(args.warmup if r == 0 else 1):
-                v.step_fn()
-            world.barrier()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                v.step_fn()
-            _sync(device)
-            dt = world.max(time.perf_counter() - t0)
-            rounds[v.name].append(dt / args.steps * 1e3)
+    timed = time_rounds(variants, args, world, set())
+    rounds = {v.label: [ms for ms, _ in timed[id(v)]] for v in variants}
     ms = {k: statistics.median(v) for k, v in rounds.items()}
     # every data-parallel variant must compute the same parameters (compute-only excepted)
     ref = torch.cat([p.detach().reshape(-1) for p in variants[1].model.parameters()])
-    diff = {v.name: (torch.cat([p.detach().reshape(-1) for p in v.model.parameters()]) - ref).abs().max().item()
+    diff = {v.label: (torch.cat([p.detach().reshape(-1) for p in v.model.parameters()]) - ref).abs().max().item()
             for v in variants[2:]}
     for v in variants:
         v.close()
@@ -161,30 +126,11 @@ def step(args, world, log) -> None:
               + ", ".join(f"{k}: {d:.1e}" for k, d in diff.items()))
 
 
-def init_gloo(world) -> None:
-    """Collective: a torch.distributed gloo process group over the same ranks (for the DDP
-    baseline); the caller destroys it."""
-    import torch.distributed as dist
-
-    if world.is_root:
-        s = socket.socket()
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-        s.close()
-        same_node = world.local_size == world.size
-        addr = "127.0.0.1" if same_node else socket.gethostbyname(socket.gethostname())
-    else:
-        addr, port = None, None
-    addr, port = world.bcast((addr, port))
-    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=world.rank,
-                            world_size=world.size)
-
-
 def allreduce(args, world, log) -> None:
     """Collective: algbw and busbw of raw MPI.Allreduce and of the bucketed gradient path."""
     threads = configure_threads(0, world)
     device = world.select_device(args.device)
-    _header(world, "allreduce", threads)
+    header(world, "allreduce", threads)
     overlap = resolve_overlap(args.overlap, world.cores_per_rank(), device.type == "cuda", world.thread_multiple)
     if world.is_root:
         print(f"# on {device}{' (CUDA ' + ('direct' if world.direct_cuda else 'staged') + ')' if device.type == 'cuda' else ''}"
@@ -197,7 +143,7 @@ def allreduce(args, world, log) -> None:
         print(f"{'bytes':>10s} {'raw ms':>9s} {'raw algbw':>10s} {'raw busbw':>10s} "
               f"{'bucket ms':>10s} {'bkt algbw':>10s} {'bkt busbw':>10s} {'bkt/raw':>8s} "
               f"{'hier ms':>9s} {'raw/hier':>9s}   (GB/s; raw/hier > 1: hierarchical is faster)")
-    for size in [_parse_size(s) for s in args.sizes.split(",")]:
+    for size in [parse_size(s) for s in args.sizes.split(",")]:
         count = max(1, size // 4)
         buf = torch.ones(count, device=device)
         # the bucketed path on 8 "parameters" of the same total size
@@ -224,7 +170,7 @@ def allreduce(args, world, log) -> None:
                 t0 = time.perf_counter()
                 for _ in range(args.iters):
                     fn()
-                _sync(device)
+                sync_device(device)
                 times.append(world.max(time.perf_counter() - t0) / args.iters)
             t[name] = statistics.median(times)
         bk.close()
@@ -236,12 +182,6 @@ def allreduce(args, world, log) -> None:
                   f"{t['bucketed'] * 1e3:10.3f} {alg['bucketed']:10.3f} {bus['bucketed']:10.3f} "
                   f"{alg['bucketed'] / alg['raw']:8.2f} {t['hier'] * 1e3:9.3f} {t['raw'] / t['hier']:9.2f}")
     hier.free()
-
-
-def _sync(device) -> None:
-    """Wait for the GPU's queued work before reading the clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _split(n: int, k: int) -> list[int]:
@@ -278,18 +218,3 @@ def straggler(args, world, log) -> None:
         t = f"{hit:12.1f}" if hit is not None else f"{'never':>12s}"
         speed = f"{ref_hit / hit:7.2f}" if hit and ref_hit else f"{'-':>7s}"
         print(f"{name:24s} {rate:10.0f} {rate / ref_rate:7.2f} {t} {speed} {acc:9.4f} {stale:9d}")
-
-
-def e2e(args, world, log) -> None:
-    """Collective: the job's own training step vs one process on all cores and torch DDP-gloo
-    (mpitrain/bench_e2e.py)."""
-    from . import bench_e2e
-
-    bench_e2e.run(args, world, log)
-
-
-def model(args, world, log) -> None:
-    """Collective: the fitted cost model's predictions against measured step times."""
-    from . import bench_model
-
-    bench_model.run(args, world, log)

@@ -20,11 +20,12 @@ import time
 
 import torch
 
-from . import config, costmodel, train
-from .bench import _header, _parse_size
-from .bench_e2e import _groups, _mpitrain_step, _single_step, _time_rounds, _Variant
-from .faults import collective_cleanup
-from .sync import compress
+from .. import config, train
+from ..faults import collective_cleanup
+from ..sync import compress
+from . import costmodel
+from .e2e import groups, mpitrain_step, single_step
+from .timing import Variant, header, parse_size, time_rounds
 
 
 def _variants() -> dict:
@@ -47,8 +48,8 @@ VARIANTS = _variants()
 def run(args, world, log) -> None:
     cfg0 = world.agree(config.load, args.job, args.overrides)
     threads = train.configure_threads(0, world)
-    _header(world, "model", threads)
-    sizes = [_parse_size(s) for s in args.sizes.split(",")]
+    header(world, "model", threads)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
     fit_times = [_time_allreduce(world, b, args.iters) for b in sizes]
     latency = _time_allreduce(world, 8, args.iters * 10)
     transport = (costmodel.Transport.fit(sizes, fit_times, world.size, latency) if world.size > 1
@@ -69,14 +70,15 @@ def run(args, world, log) -> None:
         base = next(iter(jobs.values()))
         local = copy.deepcopy(base.model)
         opt = torch.optim.SGD(local.parameters(), lr=1e-9)
-        variants = [_Variant("compute", "compute only", "fp32", local,
-                             _single_step(local, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), base,
-                                          base.train_split, None), _indices(_groups(base.sampler, 1)), base.device)]
+        variants = [Variant("compute only", local,
+                            single_step(local, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), base,
+                                        base.train_split, None), kind="compute",
+                            stream=_indices(groups(base.sampler, 1)), device=base.device)]
         for name, job in jobs.items():
             job.strategy.setup(job.model, job.optimizer, resources)
-            variants.append(_Variant("mpitrain", name, "fp32", job.model, _mpitrain_step(job),
-                                     _groups(job.sampler, job.cfg.train.accumulate), job.device))
-        rounds = _time_rounds(variants, argparse.Namespace(steps=args.steps, warmup=2, repeats=args.repeats),
+            variants.append(Variant(name, job.model, mpitrain_step(job), kind="mpitrain",
+                                    stream=groups(job.sampler, job.cfg.train.accumulate), device=job.device))
+        rounds = time_rounds(variants, argparse.Namespace(steps=args.steps, warmup=2, repeats=args.repeats),
                               world, set())
         ms = {v.label: statistics.median(x[0] for x in rounds[id(v)]) for v in variants}
         codec = {name: _codec_seconds(job, args.steps) for name, job in jobs.items()}
@@ -140,7 +142,7 @@ def _codec_seconds(job, steps: int) -> float:
 
 
 def _indices(groups):
-    """Groups of sampler batches as groups of index arrays (what _single_step takes)."""
+    """Groups of sampler batches as groups of index arrays (what single_step takes)."""
     for g in groups:
         yield [b.indices for b in g]
 

@@ -25,49 +25,26 @@ import contextlib
 import copy
 import dataclasses
 import itertools
-import os
 import shutil
 import signal
-import socket
 import statistics
 import tempfile
-import time
 
 import numpy as np
 import torch
 
-from . import config, train
-from .bench import _header, init_gloo
-from .comm import heartbeat
-from .data import hdf5
-from .data.sampler import DistributedSampler
-from .errors import AgreedError, UserError
-from .faults import collective_cleanup, stop_flag
-from .models import build_optimizer, build_schedule, model_id
-from .data.loader import to_device
-from .step import micro_batches
+from .. import config, train
+from ..data import hdf5
+from ..data.loader import to_device
+from ..data.sampler import DistributedSampler
+from ..errors import AgreedError, UserError
+from ..faults import collective_cleanup, stop_flag
+from ..models import build_optimizer, build_schedule, model_id
+from ..step import micro_batches
+from .timing import Variant, header, init_gloo, node_cores, time_rounds
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 GOAL_SINGLE, GOAL_DDP = 1.5, 0.8
-
-
-class _Variant:
-    """One way of training: `step(group)` does one optimizer step and returns the samples
-    it took over all ranks; `stream` yields the steps' groups of micro-batches."""
-
-    def __init__(self, kind, label, precision, model, step, stream, device):
-        self.kind, self.label, self.precision, self.model = kind, label, precision, model
-        self.step, self.stream, self.device = step, stream, device
-
-    def run(self, n: int) -> tuple[float, int]:
-        """(seconds, global samples) of n steps."""
-        t0, samples = time.perf_counter(), 0
-        for _ in range(n):
-            samples += self.step(next(self.stream))
-            heartbeat.tick()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0, samples
 
 
 def _check_args(args) -> list[str]:
@@ -118,7 +95,7 @@ def _measure(args, world, log, precisions, tmp, resources) -> None:
         j.strategy.setup(j.model, j.optimizer, resources)
     torch.manual_seed(cfg.train.seed * 7919 + world.rank)  # per-rank stream (dropout), as train.resume does
     threads = train.configure_threads(0, world)
-    cores = _node_cores(world)
+    cores = node_cores(world)
     accumulate = cfg.train.accumulate
     steps_per_epoch = -(-sampler.steps_per_epoch // accumulate)  # optimizer steps
 
@@ -134,25 +111,24 @@ def _measure(args, world, log, precisions, tmp, resources) -> None:
     variants = []
     for p in precisions:
         j = jobs[p]
-        variants.append(_Variant("mpitrain", f"mpitrain ({cfg.sync.strategy})", p, j.model, _mpitrain_step(j),
-                                 _groups(sampler, accumulate), device))
+        variants.append(Variant(f"mpitrain ({cfg.sync.strategy})", j.model, mpitrain_step(j), kind="mpitrain",
+                                precision=p, stream=groups(sampler, accumulate), device=device))
         if not args.no_single:
             model = opt = sched = None
             if world.is_root:
                 model = copy.deepcopy(initial)
                 opt, sched = optimizer_for(model)
-            variants.append(_Variant("single", f"one process ({len(cores)} threads)", p, model,
-                                     _single_step(model, opt, sched, job, full, PRECISIONS[p]),
-                                     _global_groups(sampler, accumulate), device))
+            variants.append(Variant(f"one process ({len(cores)} threads)", model,
+                                    single_step(model, opt, sched, job, full, PRECISIONS[p]), kind="single",
+                                    precision=p, stream=_global_groups(sampler, accumulate), device=device))
         if not args.no_ddp:
             ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(initial))
             opt, sched = optimizer_for(ddp)
-            variants.append(_Variant("ddp", "torch DDP (gloo)", p, ddp.module,
-                                     _ddp_step(ddp, opt, sched, job, PRECISIONS[p]),
-                                     _groups(sampler, accumulate), device))
+            variants.append(Variant("torch DDP (gloo)", ddp.module, _ddp_step(ddp, opt, sched, job, PRECISIONS[p]),
+                                    kind="ddp", precision=p, stream=groups(sampler, accumulate), device=device))
 
     n_params = sum(t.numel() for t in job.model.parameters())
-    _header(world, "e2e", threads)
+    header(world, "e2e", threads)
     if world.is_root:
         B = cfg.train.batch_size
         print(f"# job {args.job}: {model_id(cfg.model)} ({cfg.model.factory or cfg.model.name}), {n_params:,} params, "
@@ -164,33 +140,9 @@ def _measure(args, world, log, precisions, tmp, resources) -> None:
               + ("" if args.no_single else f"; one process: {len(cores)} threads on rank 0")
               + f"; {args.warmup} warm-up + {args.steps} timed steps x {args.repeats} rounds, median round")
 
-    rounds = _time_rounds(variants, args, world, cores)
+    rounds = time_rounds(variants, args, world, cores)
     if world.is_root:
         _report(variants, rounds, steps_per_epoch, steps=args.warmup + args.repeats * args.steps + args.repeats - 1)
-
-
-def _time_rounds(variants, args, world, cores) -> dict:
-    """Collective: per variant, each round's (ms/step, global samples/s); variants take
-    turns within a round; warm-up steps before the first, one untimed step before later ones."""
-    rounds = {id(v): [] for v in variants}
-    for r in range(args.repeats):
-        for v in variants:
-            warm = args.warmup if r == 0 else 1
-            if v.kind == "single":  # rank 0 alone on all the cores; the others sleep
-                dt = n = None
-                if world.is_root:
-                    with _all_cores(cores, world):
-                        v.run(warm)
-                        dt, n = v.run(args.steps)
-                _idle_barrier(world)
-                dt, n = world.bcast((dt, n))
-            else:
-                v.run(warm)
-                world.barrier()
-                dt, n = v.run(args.steps)
-                dt = world.max(dt)
-            rounds[id(v)].append((dt / args.steps * 1e3, n / dt))
-    return rounds
 
 
 def _report(variants, rounds, steps_per_epoch: int, steps: int) -> None:
@@ -230,14 +182,14 @@ def _report(variants, rounds, steps_per_epoch: int, steps: int) -> None:
               f"batches{' (dropout draws differ)' if dropout else ''}: {', '.join(diffs)}")
 
 
-def _groups(sampler, accumulate: int):
+def groups(sampler, accumulate: int):
     """This rank's steps (groups of sampler batches), epoch after epoch."""
     for epoch in itertools.count():
         yield from micro_batches(sampler.epoch(epoch), accumulate)
 
 
 def _global_groups(sampler, accumulate: int):
-    """The same steps as every rank's `_groups`, each micro-batch the ranks' shares of it
+    """The same steps as every rank's `groups`, each micro-batch the ranks' shares of it
     joined in rank order (global sample indices)."""
     ranks = [DistributedSampler(sampler.n, sampler.size, r, sampler.batch, sampler.seed, sampler.shuffle)
              for r in range(sampler.size)]
@@ -246,7 +198,7 @@ def _global_groups(sampler, accumulate: int):
         yield from micro_batches(joined, accumulate)
 
 
-def _mpitrain_step(job):
+def mpitrain_step(job):
     """One optimizer step as train.loop takes it: the Job's Step (without checkpoints,
     metrics, progress)."""
     stop = stop_flag()
@@ -285,7 +237,7 @@ def _ddp_step(ddp, optimizer, schedule, job, precision):
     return step
 
 
-def _single_step(model, optimizer, schedule, job, split, precision):
+def single_step(model, optimizer, schedule, job, split, precision):
     """Rank 0 alone: the global batch's mean loss, one optimizer step (None elsewhere)."""
     if model is None:
         return None
@@ -318,31 +270,3 @@ def _full_split(cfg, world):
         sub.free()
 
 
-def _node_cores(world) -> set[int]:
-    """Collective: the cores the job's ranks on rank 0's node may run on (the union of
-    their affinity masks: all of the node's cores the launcher gave the job)."""
-    masks = world.allgather((socket.gethostname(), sorted(os.sched_getaffinity(0))))
-    return {c for host, mask in masks if host == masks[0][0] for c in mask}
-
-
-@contextlib.contextmanager
-def _all_cores(cores: set[int], world):
-    """Rank 0: run on all of `cores` with one torch thread each (a launcher binds a rank to
-    one core; threads made inside inherit the wider mask), then back to the rank's share."""
-    before = os.sched_getaffinity(0)
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, cores)
-    torch.set_num_threads(len(cores))
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-        train.configure_threads(0, world)
-
-
-def _idle_barrier(world) -> None:
-    """Collective: a barrier that sleeps instead of spinning (ranks waiting for rank 0's
-    one-process run must leave it the cores)."""
-    req = world.comm.Ibarrier()
-    while not req.Test():
-        time.sleep(0.002)
