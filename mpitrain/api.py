@@ -120,10 +120,11 @@ class DistributedOptimizer:
         super().zero_grad(set_to_none=False)
 
     def consolidated(self):
-        """Collective: within the block the local model is the one to evaluate or save."""
+        """Collective: within the block the local model is the one to evaluate; afterwards
+        every rank trains on exactly what it had (evaluating never changes training)."""
         self._mt_check("consolidated")
         average_buffers(self._mt_step.model, self._mt_step.world)  # BatchNorm statistics: one model everywhere
-        return self._mt_step.strategy.consolidated()
+        return state.consolidated(self._mt_step)
 
     def close(self) -> None:
         """Collective: release the strategy's threads, windows and communicators."""

@@ -65,12 +65,8 @@ def _trailer(image: bytes) -> bytes:
 
 def verified_bytes(path: Path) -> bytes:
     """The HDF5 bytes of a checkpoint whose whole-file checksum matches (plain reads only)."""
-    try:
+    with files.reading(path, "no such checkpoint"):
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such checkpoint") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
     image, trailer = data[:-TRAILER_LEN], data[-TRAILER_LEN:]
     if len(data) < TRAILER_LEN or not trailer.startswith(TRAILER) or not trailer.endswith(b"\n"):
         raise UserError(f"{path}: no whole-file checksum trailer (truncated, or not an mpitrain checkpoint)")

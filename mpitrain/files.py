@@ -1,11 +1,27 @@
-"""Writing files in a run folder without following symlinks planted there."""
+"""Writing files in a run folder without following symlinks planted there, and reading
+a user's file with one-line errors."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+from .errors import UserError
+
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@contextlib.contextmanager
+def reading(name, missing: str = "no such file"):
+    """Within the block, a missing file is the UserError "NAME: <missing>" and any other
+    OSError "NAME: cannot read: <why>"."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise UserError(f"{name}: {missing}") from None
+    except OSError as e:
+        raise UserError(f"{name}: cannot read: {e.strerror or e}") from None
 
 
 def open_fd(path: Path, *, append: bool = False) -> int:

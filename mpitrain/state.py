@@ -9,6 +9,7 @@ replica (strategies whose replicas differ) and its own strategy state (RankState
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -124,6 +125,20 @@ def load_optimizer(opt: torch.optim.Optimizer, tree: dict) -> dict:
     return changed
 
 
+@contextlib.contextmanager
+def consolidated(step):
+    """Collective: within the block, the local model is the one every rank agrees on (to
+    evaluate or save); afterwards every rank trains on exactly what it had before. Where
+    replicas differ (local steps), each rank's own parameters and strategy state (e.g. the
+    steps into its block) are kept and put back, so evaluating or checkpointing never
+    inserts a synchronisation the uninterrupted run would not have."""
+    replica = _replica(step) if step.strategy.replicas_differ else None
+    with step.strategy.consolidated():
+        yield replica
+    if replica is not None:
+        _load_replica(step, replica)
+
+
 # -- the one writer ---------------------------------------------------------------------------
 
 def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -> str:
@@ -137,12 +152,11 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
     world, strategy, model = step.world, step.strategy, step.model
     average_buffers(model, world)  # e.g. BatchNorm statistics: the same on every rank
     own = {"rng": _rng(step.precision.device)}
-    replica = _replica(step) if strategy.replicas_differ else None
-    if replica is not None:
-        own["replica"] = replica
     if isinstance(strategy, RankStateful) and (mine := strategy.rank_state_dict()):
         own["strategy"] = mine
-    with strategy.consolidated():  # the model every rank agrees on
+    with consolidated(step) as replica:  # the model every rank agrees on
+        if replica is not None:
+            own["replica"] = replica
         shared = _strategy_state(strategy)
         every = world.gather(own)
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -167,8 +181,6 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
                 err = (f"checkpoint at step {pos.step} failed: {e.strerror or e}; "
                        + (f"previous checkpoint {prev[0].name} intact" if prev else "no earlier checkpoint"))
         world.raise_any(world.bcast(err))
-    if replica is not None:
-        _load_replica(step, replica)
     return str(path)
 
 

@@ -210,11 +210,12 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
                 write_checkpoint(job, here, signum)
         with dog.waiting(step):
             last = epoch == cfg.train.epochs - 1 or world.any(step >= max_steps)
-            with strategy.consolidated(), dog.phase("evaluation"), tracer.span("evaluation"):
-                evaluating = job.test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last)
-                if evaluating:
+            tested = {}
+            if job.test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last):
+                # a consolidated model to evaluate; afterwards every rank trains on what it had
+                with state.consolidated(job.step), dog.phase("evaluation"), tracer.span("evaluation"):
                     average_buffers(model, world)  # e.g. BatchNorm statistics: one model to evaluate
-                tested = evaluate(model, job.loss, job.metric, job.test_split, world, device) if evaluating else {}
+                    tested = evaluate(model, job.loss, job.metric, job.test_split, world, device)
             row = epoch_row(job, epoch, step, train_time, [loss_sum, local, world.bytes_sent() - sent,
                                                            step - first_step,
                                                            skipped / (world.size if sampler.lockstep else 1)]) | tested
@@ -226,6 +227,8 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
     if here.step % every or not sampler.lockstep:  # the final checkpoint (unless just written)
         with dog.phase("checkpoint"):
             save(job, here)
+    with strategy.consolidated():  # training is over: the model returned is the consolidated one
+        pass
     if world.is_root:
         job.log.info(f"outputs in {job.run_dir}/ (config.toml, metrics.jsonl, checkpoints)")
     return row

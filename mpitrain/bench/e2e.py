@@ -229,10 +229,7 @@ def _ddp_step(ddp, optimizer, schedule, job, precision):
                 with torch.autocast(job.device.type, dtype=precision, enabled=precision is not None):
                     loss = job.loss(ddp(x), y)
                 (loss * (n / count)).backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), clip)
-        optimizer.step()
-        schedule.step()
+        _apply(ddp.parameters(), optimizer, schedule, clip)
         return count
     return step
 
@@ -251,12 +248,17 @@ def single_step(model, optimizer, schedule, job, split, precision):
             with torch.autocast(job.device.type, dtype=precision, enabled=precision is not None):
                 loss = job.loss(model(x), y)
             (loss / count).backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        schedule.step()
+        _apply(model.parameters(), optimizer, schedule, clip)
         return count
     return step
+
+
+def _apply(params, optimizer, schedule, clip: float) -> None:
+    """A baseline's update: clip (if set), step, schedule."""
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    schedule.step()
 
 
 def _full_split(cfg, world):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import files
 from ..errors import UserError
 from .write import _attrs, serial_file
 
@@ -79,12 +80,8 @@ def prepare(src: str, out: str, level: str = "char", test_fraction: float = 0.1,
 def _source(src: str, out: str) -> Path:
     """The input as a Path: a non-empty regular file that is not the output."""
     path = Path(src)
-    try:
+    with files.reading(src):
         st = path.stat()
-    except FileNotFoundError:
-        raise UserError(f"{src}: no such file") from None
-    except OSError as e:
-        raise UserError(f"{src}: cannot read: {e.strerror or e}") from None
     if path.is_dir():
         raise UserError(f"{src}: is a directory, not a text file")
     if not path.is_file():

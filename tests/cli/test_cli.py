@@ -88,7 +88,8 @@ def crafted_ckpt(tmp, good, name, **change):
             del tree[k]
         else:
             tree[k] = tree[k] | v if isinstance(tree.get(k), dict) else v
-    tree["optim"]["param_groups"] = __import__("json").dumps(tree["optim"]["param_groups"])
+    if "optim" in tree:
+        tree["optim"]["param_groups"] = json.dumps(tree["optim"]["param_groups"])
     p = tmp / f"{name}" / "ckpt-000000001.h5"
     p.parent.mkdir(exist_ok=True)
     if version is None:
