@@ -77,6 +77,21 @@ def test_a_cycle_is_found():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_every_relative_import_resolves():
+    """A relative import inside a function runs late: one that names no module of the
+    package (e.g. left behind by a move) fails only when that code runs."""
+    mods, bad = _modules(), []
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                parts = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+                if base not in mods:
+                    bad.append(f"{m}:{node.lineno} from {'.' * node.level}{node.module or ''}")
+    assert bad == []
+
+
 def test_comm_is_the_floor():
     """comm/ (MPI, buffers, RMA) imports nothing of mpitrain but itself and errors.py."""
     above = {m: sorted(t for t in ts if not t.startswith("mpitrain.comm") and t != "mpitrain.errors")

@@ -194,7 +194,7 @@ def straggler(args, world, log) -> None:
     time to the target accuracy and final accuracy, with ratios to the first run."""
     import json
 
-    from .compare import load_compare, train_each
+    from ..compare import load_compare, train_each
 
     spec = world.agree(load_compare, args.spec)
     slow = args.rank if world.size > 1 else -1
