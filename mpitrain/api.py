@@ -31,6 +31,7 @@ arguments (validated like the `[sync.<strategy>]` table of a job file). `save` a
 from __future__ import annotations
 
 import contextlib
+import weakref
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ from .step import Step
 from .sync.helpers import average_buffers
 
 _WORLD: World | None = None
+_DISTRIBUTED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models with a live distribution
 
 
 def init() -> World:
@@ -176,9 +178,19 @@ def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strateg
     if device.type == "cuda" and cls.remote_update:
         raise UserError(f"distribute(): strategy {strategy!r} keeps the parameters in host RMA windows: "
                         "keep the model on the CPU")
+    if model in _DISTRIBUTED:
+        raise UserError("distribute(): this model is distributed already (with another optimizer): close() that "
+                        "optimizer first, or distribute the model once")
     resources = contextlib.ExitStack()
-    strat = world.agree(cls, opts, world, log)
-    strat.setup(model, optimizer, resources)
+    _DISTRIBUTED.add(model)
+    resources.callback(_DISTRIBUTED.discard, model)
+    try:
+        strat = world.agree(cls, opts, world, log)
+        strat.setup(model, optimizer, resources)
+    except BaseException as e:
+        if getattr(e, "agreed", False):  # every rank is here: release what setup made, collectively
+            resources.close()
+        raise
     step = Step(model, optimizer, strat, Precision(t.precision, device, world, reduced=cls.sums_gradients), world,
                 clip_norm=clip, on_nonfinite=t.on_nonfinite, log=log)
     return model, _distributed(optimizer, step, resources, t.accumulate)

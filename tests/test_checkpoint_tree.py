@@ -162,7 +162,9 @@ def test_api_misuse_is_one_line(world):
     expect(lambda: opt.backward(F.cross_entropy(model(x), y)), "called 3 times before optimizer.step")
     opt.step()
     expect(lambda: opt.step(lambda: 0.0), "closures are not supported")
-    expect(lambda: mpitrain.distribute(model, opt, world=world), "distributed already")
+    expect(lambda: mpitrain.distribute(model, opt, world=world), "optimizer is distributed already")
+    expect(lambda: mpitrain.distribute(model, torch.optim.SGD(model.parameters(), lr=0.1), world=world),
+           "model is distributed already")
     expect(lambda: mpitrain.distribute(model, torch.optim.SGD(model.parameters(), lr=0.1), world=world,
                                        precision="fp8"), "train.precision: expected one of")
     expect(lambda: mpitrain.distribute(model, torch.optim.SGD(model.parameters(), lr=0.1), world=world,
@@ -176,3 +178,5 @@ def test_api_misuse_is_one_line(world):
     expect(lambda: opt.backward(F.cross_entropy(model(x), y)), "after optimizer.close")
     expect(opt.step, "after optimizer.close")
     assert all("\n" not in m for m in cases), cases
+    _, again = mpitrain.distribute(model, torch.optim.SGD(model.parameters(), lr=0.1), world=world)  # after close
+    again.close()
