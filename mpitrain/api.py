@@ -152,11 +152,11 @@ def _distributed(optimizer: torch.optim.Optimizer, step: Step, resources, accumu
 
 def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "allreduce", *,
                world: World | None = None, log=None, accumulate: int = 1, clip_norm: float = 0.0,
-               precision: str = "fp32", on_nonfinite: str = "stop", **options):
+               precision: str = "fp32", on_nonfinite: str = "stop", max_skipped: int = 10, **options):
     """Collective: make `model` and `optimizer` train data-parallel with `strategy`
     (rank 0's parameters are broadcast). Returns (model, the optimizer as a
     DistributedOptimizer of its own class). Options are the strategy's own, e.g. period=4;
-    accumulate, clip_norm, precision and on_nonfinite are train.* / optim.clip_norm."""
+    accumulate, clip_norm, precision, on_nonfinite and max_skipped are train.* / optim.clip_norm."""
     from .sync import REGISTRY
     from .sync.base import ROLES
 
@@ -169,8 +169,8 @@ def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strateg
         raise UserError(f"strategy {strategy!r} with dedicated servers needs the job runner (mpitrain train)")
     cls = REGISTRY[strategy]
     opts = build(cls.Options, options, "distribute()", f"sync.{strategy}")
-    t = build(TrainCfg, {"accumulate": accumulate, "precision": precision, "on_nonfinite": on_nonfinite},
-              "distribute()", "train")
+    t = build(TrainCfg, {"accumulate": accumulate, "precision": precision, "on_nonfinite": on_nonfinite,
+                         "max_skipped": max_skipped}, "distribute()", "train")
     clip = build(OptimCfg, {"clip_norm": clip_norm}, "distribute()", "optim").clip_norm
     device = next(model.parameters()).device
     if t.precision == "fp16" and device.type != "cuda":
@@ -192,7 +192,7 @@ def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strateg
             resources.close()
         raise
     step = Step(model, optimizer, strat, Precision(t.precision, device, world, reduced=cls.sums_gradients), world,
-                clip_norm=clip, on_nonfinite=t.on_nonfinite, log=log)
+                clip_norm=clip, on_nonfinite=t.on_nonfinite, max_skipped=t.max_skipped, log=log)
     return model, _distributed(optimizer, step, resources, t.accumulate)
 
 

@@ -87,6 +87,9 @@ class TrainCfg:
     on_nonfinite: str = _opt("stop", choices=("stop", "skip"),
                              help="a NaN/inf loss on any rank: stop (exit 4, nothing of that step applied) "
                                   "or skip that step's update on every rank")
+    max_skipped: int = _opt(10, min=0, max=10**6,
+                            help="on_nonfinite = 'skip': stop (exit 4) after this many consecutive skipped "
+                                 "steps (0 = never)")
     resume: str = _opt("auto", help="auto (newest valid checkpoint in the run folder), never, or a path")
     slowdown_rank: int = _opt(-1, min=-1, help="straggler injection: this rank sleeps (-1 = none)")
     slowdown_factor: float = _opt(1.0, min=1.0, help="... so its steps take factor x its compute time")

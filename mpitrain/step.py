@@ -75,10 +75,12 @@ class Step:
     (fault injection); `dog` (optional) is the watchdog told where the step waits."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy, precision, world, *,
-                 clip_norm: float = 0.0, on_nonfinite: str = "stop", lockstep: bool = True, schedule=None,
+                 clip_norm: float = 0.0, on_nonfinite: str = "stop", max_skipped: int = 10, lockstep: bool = True,
+                 schedule=None,
                  loss_fn=None, straggle=None, dog=None, log=None):
         self.model, self.optimizer, self.strategy, self.precision, self.world = model, optimizer, strategy, precision, world
-        self.clip_norm, self.on_nonfinite, self.lockstep = clip_norm, on_nonfinite, lockstep
+        self.clip_norm, self.on_nonfinite, self.max_skipped, self.lockstep = clip_norm, on_nonfinite, max_skipped, lockstep
+        self.skipped_in_a_row = 0  # non-finite losses skipped since the last counted step
         self.schedule, self.loss_fn, self.straggle, self.dog, self.log = schedule, loss_fn, straggle, dog, log
         self.steps = 0
 
@@ -157,6 +159,11 @@ class Step:
             signum, where = 0, f"rank {world.rank}"
         if bad and self.on_nonfinite == "stop":
             raise Diverged(f"non-finite loss in step {step + 1} on {where}: stopped before applying it",
+                           agreed=self.lockstep)
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if bad else 0
+        if bad and self.max_skipped and self.skipped_in_a_row >= self.max_skipped:
+            raise Diverged(f"{self.skipped_in_a_row} consecutive steps up to step {step + 1} had a non-finite loss "
+                           f"(last on {where}), all skipped (train.max_skipped = {self.max_skipped}): stopped",
                            agreed=self.lockstep)
         if bad and world.is_root and self.log is not None:
             self.log.warning(f"non-finite loss in step {step + 1} on {where}: update skipped "

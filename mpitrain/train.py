@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -17,7 +18,7 @@ from .config import Config
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler
 from .errors import UserError
-from .faults import StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag, watchdog
+from .faults import Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag, watchdog
 from .metrics import MetricsLog, check_tensorboard, reset as reset_metrics
 from .models import build_model, build_optimizer, build_schedule, model_id
 from .precision import Precision
@@ -109,7 +110,7 @@ def build(cfg: Config, world, log, resources) -> Job:
     precision = Precision(cfg.train.precision, device, world, reduced=strategy.sums_gradients)
     straggle = (lambda t0: inject_straggler(world, t, t0)) if t.slowdown_rank >= 0 else None
     step = Step(model, optimizer, strategy, precision, world, clip_norm=cfg.optim.clip_norm,
-                on_nonfinite=t.on_nonfinite, lockstep=sampler.lockstep, schedule=schedule, loss_fn=loss,
+                on_nonfinite=t.on_nonfinite, max_skipped=t.max_skipped, lockstep=sampler.lockstep, schedule=schedule, loss_fn=loss,
                 straggle=straggle, dog=watchdog(), log=log)
     return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, Metric(meta.task),
                optimizer, sampler, schedule, strategy, precision, step)
@@ -190,13 +191,14 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
         if step >= max_steps:
             break
         t_epoch, first_step, sent = time.perf_counter(), step, world.bytes_sent()
-        loss_sum, local, skipped = 0.0, 0, 0
+        loss_sum, local, counted, skipped = 0.0, 0, 0, 0
         done = pos.samples_in_epoch if epoch == pos.epoch else 0  # global samples of this epoch
         for group in progress_bar(job, micro_batches(sampler.epoch(epoch, done), cfg.train.accumulate), epoch):
             count = sum(b.global_count for b in group)  # samples in this optimizer step, all ranks
             out = job.step([lambda b=b: to_device(job.train_split.take(b.indices), device) for b in group], count,
                            stop)
             skipped += out.skipped
+            counted += 0 if out.skipped else out.samples  # the samples train_loss averages over
             loss_sum, local, done, step = loss_sum + out.loss, local + out.samples, done + count, step + 1
             here = state.Position(step, epoch, done)
             if out.signum or (sampler.lockstep and step % every == 0):  # every rank is at this step
@@ -216,7 +218,13 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
                 with state.consolidated(job.step), dog.phase("evaluation"), tracer.span("evaluation"):
                     average_buffers(model, world)  # e.g. BatchNorm statistics: one model to evaluate
                     tested = evaluate(model, job.loss, job.metric, job.test_split, world, device)
-            row = epoch_row(job, epoch, step, train_time, [loss_sum, local, world.bytes_sent() - sent,
+            if tested and not math.isfinite(tested["test_loss"]):  # the same on every rank (a sum)
+                what = f"non-finite test loss after epoch {epoch + 1} (step {step})"
+                if cfg.train.on_nonfinite == "stop":
+                    raise Diverged(f"{what}: stopped", agreed=True)
+                if world.is_root:
+                    job.log.warning(f"{what} (train.on_nonfinite = 'skip': training goes on)")
+            row = epoch_row(job, epoch, step, train_time, [loss_sum, local, counted, world.bytes_sent() - sent,
                                                            step - first_step,
                                                            skipped / (world.size if sampler.lockstep else 1)]) | tested
         row["wall_s"] = time.perf_counter() - t_start
@@ -252,9 +260,9 @@ def save(job: Job, here: state.Position) -> str:
 def epoch_row(job: Job, epoch: int, step: int, train_time: float, sums: list) -> dict:
     """Collective: the epoch's metrics row (throughput: all samples over the slowest rank's
     time, since ranks may differ; traffic: bytes handed to MPI per step, mean over ranks)."""
-    loss_sum, seen, sent, steps, skipped = job.world.sum(np.array(sums, dtype=np.float64))
-    row = {"epoch": epoch + 1, "step": step, "ranks": job.world.size,
-           "train_loss": float(loss_sum / max(1, seen)), "skipped_steps": int(skipped),
+    loss_sum, seen, counted, sent, steps, skipped = job.world.sum(np.array(sums, dtype=np.float64))
+    row = {"epoch": epoch + 1, "step": step, "ranks": job.world.size,  # train_loss null: every step skipped
+           "train_loss": float(loss_sum / counted) if counted else None, "skipped_steps": int(skipped),
            "samples_per_s": float(seen / job.world.max(train_time)), "lr": job.schedule.get_last_lr()[0],
            "comm_bytes_per_step": float(sent / max(1, steps))}
     if isinstance(job.strategy, sync.Reporting):
@@ -285,5 +293,6 @@ def announce(job: Job) -> None:
 def log_epoch(job: Job, row: dict) -> None:
     if job.world.is_root:
         tested = "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("test_"))
-        job.log.info("epoch {epoch}: step {step}, train_loss {train_loss:.4f}".format(**row) + tested
+        loss = "-- (every step skipped)" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+        job.log.info(f"epoch {row['epoch']}: step {row['step']}, train_loss {loss}" + tested
                      + f", {row['samples_per_s']:.0f} samples/s")

@@ -135,6 +135,39 @@ def test_non_finite_loss_skipped_on_every_rank(world, shared_tmp, digits_with_a_
     assert all(np.array_equal(got[0], g) for g in got)
 
 
+@pytest.fixture
+def digits_all_nan(world, shared_tmp, digits_h5):
+    """digits whose every training sample has a NaN pixel: every step's loss is non-finite."""
+    import h5py
+
+    path = shared_tmp / "allnan.h5"
+    if world.is_root:
+        with h5py.File(digits_h5, "r") as src, h5py.File(path, "w") as dst:
+            for split in ("train", "test"):
+                x = src[f"{split}/x"][:]
+                if split == "train":
+                    x[:, 0, 0] = np.nan
+                dst[f"{split}/x"], dst[f"{split}/y"] = x, src[f"{split}/y"][:]
+    world.barrier()
+    return path
+
+
+def test_skipping_forever_stops_and_logs_no_train_loss(world, shared_tmp, digits_all_nan, make_cfg):
+    """on_nonfinite = "skip" stops (exit 4) after train.max_skipped consecutive skipped
+    steps; with max_skipped = 0 an epoch of skipped steps logs train_loss null, not 0."""
+    from mpitrain.faults import Diverged
+
+    def cfg(run, **kw):
+        return make_cfg(shared_tmp / run, digits_all_nan, data={"check_finite": False, "mode": "replicated"},
+                        model={"name": "mlp", "hidden": [16]},
+                        train={"batch_size": 8, "epochs": 1, "max_steps": 8, "on_nonfinite": "skip", **kw})
+    with pytest.raises(Diverged, match="3 consecutive steps up to step 3 had a non-finite loss") as e:
+        train(cfg("stop", max_skipped=3), world, world.logger())
+    assert e.value.agreed and e.value.exit_code == 4
+    row, _ = train(cfg("never", max_skipped=0), world, world.logger())
+    assert row["skipped_steps"] == 8 and row["train_loss"] is None, row
+
+
 def test_run_folder_writes_never_follow_planted_symlinks(world, shared_tmp, digits_h5, make_cfg):
     from mpitrain.errors import AgreedError
 
