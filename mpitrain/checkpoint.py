@@ -51,7 +51,7 @@ FORMAT = "mpitrain-checkpoint"
 FORMAT_VERSION = 2
 READS = (1, 2)
 ROOT = ("format", "format_version", "mpitrain_version", "created")  # the file's own attributes, not /meta
-NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
+NAME = re.compile(r"^ckpt-(\d{9,})\.h5$")
 REQUIRED = ("meta", "position", "model", "optim", "ranks/0/rng")  # what every resume needs
 
 CHUNK = 16 * 2**20  # bytes per write (a watchdog tick each)
@@ -254,7 +254,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoints in run_dir, newest first."""
     if not run_dir.is_dir():
         return []
-    return sorted((p for p in run_dir.iterdir() if NAME.match(p.name)), reverse=True)
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]  # by step: ckpt-1000000000 after ckpt-999999999
 
 
 def prune(run_dir: Path, keep: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from pathlib import Path
 import time
 
 _CURRENT: "Tracer | None" = None
@@ -110,8 +111,10 @@ def hidden_fraction(trace: dict) -> float | None:
 
 
 def write(path, trace: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(trace, f)
+    """Replace `path` atomically, never through a symlink planted there."""
+    from .files import replace_text
+
+    replace_text(Path(path), json.dumps(trace))
 
 
 def save(world, tracer: Tracer, path, log) -> None:

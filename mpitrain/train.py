@@ -206,7 +206,8 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
             if step >= max_steps:
                 break
         train_time = time.perf_counter() - t_epoch
-        here = state.Position(step, epoch + 1, 0) if step < max_steps else here
+        if step < max_steps or done >= job.train_split.total:  # a max_steps stop at the epoch's end: the next
+            here = state.Position(step, epoch + 1, 0)            # epoch's start (its row is written below)
         if not sampler.lockstep:  # ranks ran different step counts: agree on a stop signal now
             if signum := stop.agreed(world):
                 write_checkpoint(job, here, signum)

@@ -127,6 +127,22 @@ def test_api_accumulation_and_clipping_are_the_job_runners(world, shared_tmp, di
     torch.testing.assert_close(params(model), params(ref), rtol=1e-5, atol=1e-6)
 
 
+def test_loader_bad_values_are_one_line(world, digits_h5):
+    for kw, match in (({"batch_size": 0}, "train.batch_size: expected a value > 0"),
+                      ({"batch_size": 8, "mode": "sharded"}, "data.mode: expected one of"),
+                      ({"batch_size": 8, "seed": -1}, "train.seed: expected a value >= 0")):
+        with pytest.raises(UserError, match=match) as e:
+            mpitrain.Loader(digits_h5, world, **kw)
+        assert "\n" not in str(e.value)
+
+
+def test_checkpoint_names_past_a_billion_steps(tmp_path):
+    for step in (999_999_999, 1_000_000_000, 7):
+        checkpoint.path_for(tmp_path, step).write_bytes(b"")
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "ckpt-1000000000.h5", "ckpt-999999999.h5", "ckpt-000000007.h5"]
+
+
 def test_the_optimizer_is_the_users_class(world):
     model = mlp((8, 8), 10, hidden=(4,))
     model, opt = mpitrain.distribute(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), world=world)

@@ -93,6 +93,19 @@ def test_a_max_steps_stop_resumes_bit_identically(world, shared_tmp, digits_h5, 
             assert torch.equal(params(got), params(ref)), (strategy, k, (params(got) - params(ref)).abs().max())
 
 
+def test_a_max_steps_stop_at_an_epoch_end_keeps_its_row(world, shared_tmp, digits_h5, make_cfg):
+    """Stopped by max_steps exactly at the end of epoch 1, then resumed: epoch 1's row is the
+    one written before the stop (not replaced by an empty epoch with train_loss 0)."""
+    steps_per_epoch = -(-1438 // (8 * world.size))
+    run = shared_tmp / "edge"
+    train(_cfg(make_cfg, run, digits_h5, "allreduce", max_steps=steps_per_epoch), world, world.logger())
+    before = world.bcast((run / "metrics.jsonl").read_text() if world.is_root else None)
+    train(_cfg(make_cfg, run, digits_h5, "allreduce", max_steps=steps_per_epoch + 3), world, world.logger())
+    rows = [json.loads(ln) for ln in world.bcast((run / "metrics.jsonl").read_text() if world.is_root else "")
+            .splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and json.loads(before.splitlines()[0]) == rows[0], rows
+
+
 @pytest.mark.parametrize("strategy", ["local_sgd", "post_local_sgd", "bmuf", "easgd"])
 def test_evaluation_does_not_change_training(world, shared_tmp, digits_h5, make_cfg, strategy):
     """Evaluating every epoch or only at the end gives the same final parameters, with

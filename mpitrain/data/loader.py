@@ -29,9 +29,13 @@ class Loader:
 
     def __init__(self, path: str, world: World, batch_size: int, *, split: str = "train", mode: str = "replicated",
                  seed: int = 0, device: str | torch.device = "cpu", seq_len: int = 0):
-        from ..config import DataCfg
+        from ..config import DataCfg, TrainCfg
+        from ..options import build
 
-        cfg = DataCfg(path=str(path), mode=mode, train=split, test="", seq_len=seq_len)
+        where = "mpitrain.Loader()"
+        cfg = build(DataCfg, {"path": str(path), "mode": mode, "train": split, "test": "", "seq_len": seq_len},
+                    where, "data")
+        batch_size = build(TrainCfg, {"batch_size": batch_size, "seed": seed}, where, "train").batch_size
         self.data, _, self.meta = hdf5.load(cfg, world)
         self.device = torch.device(device)
         self.sampler = DistributedSampler(self.data.total, world.size, world.rank, batch_size, seed,
