@@ -1,4 +1,4 @@
-"""`mpitrain bench model`: fit the cost model (mpitrain/costmodel.py) on this machine and
+"""`mpitrain bench model`: fit the cost model (bench/costmodel.py) on this machine and
 transport, predict the step time of a job under each strategy and compressor, and measure
 them in the same run.
 
