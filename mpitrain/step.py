@@ -138,6 +138,8 @@ class Step:
                 # skips the step on every rank
                 with tracer.span("optimizer"):
                     overflow = not self.precision.step(self.optimizer, self.clip_norm)
+                    if overflow and isinstance(self.strategy, Skipping):  # fp16: agreed on every rank
+                        self.strategy.skip_step(k)
                     self.strategy.after_step(k)
             if self.schedule is not None:
                 self.schedule.step()

@@ -93,3 +93,44 @@ def test_loss_scale_survives_a_checkpoint(world, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
     assert Precision("bf16", torch.device("cpu"), world, reduced=True).state_dict() == {}
     assert fresh.load_state_dict({}) is False  # a checkpoint without it: a fresh scale
+
+
+@pytest.mark.parametrize("kind", ["topk", "powersgd", "sign"])
+def test_an_fp16_overflow_leaves_no_inf_in_the_compressors(world, kind):
+    """An fp16 overflow reaches the compressors with the reduction (per bucket, during
+    backward) before the scaler finds it; the step's skip_step drops what it left (inf
+    residuals, PowerSGD's Q), so training goes on instead of skipping every later step."""
+    import contextlib
+
+    import numpy as np
+
+    from mpitrain.step import Step
+    from mpitrain.sync import create
+    from mpitrain import config
+
+    compress = {"kind": kind, **({"ratio": 0.5} if kind == "topk" else {}),
+                **({"rank": 1, "min_numel": 0} if kind == "powersgd" else {})}
+    spec = config.from_dict({"sync": {"strategy": "allreduce", "allreduce": {"compress": compress,
+                                                                             "overlap": "thread"}}}).sync
+    with contextlib.ExitStack() as resources:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        strategy = create(spec, world)
+        strategy.setup(model, opt, resources)
+        prec = Precision("fp16", torch.device("cpu"), world, reduced=True)
+        step = Step(model, opt, strategy, prec, world, loss_fn=lambda out, y: (out - y).pow(2).sum())
+        x, y = torch.randn(3, 4), torch.full((3, 2), 0.5)
+
+        def one():
+            return step([lambda: (x, y)], 3 * world.size)
+        prec.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled gradients overflow
+        assert one().skipped
+        prec.scaler.update(1024.0)
+        states = [c.rank_state_dict() | c.state_dict() for c in strategy.compressors]
+        assert all(np.isfinite(a).all() for s in states for a in s.values()), states
+        for _ in range(3):
+            assert not one().skipped
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        got = world.allgather(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy())
+        assert all(np.array_equal(got[0], g) for g in got)

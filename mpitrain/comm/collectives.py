@@ -190,6 +190,11 @@ class GradBuckets:
         self._reqs: list[MPI.Request] = []
         self._deferred: list[int] = []  # launched before the step was known (reducers)
 
+    @property
+    def pending(self) -> bool:
+        """Some bucket of this step is launched or ready but not finished."""
+        return any(self._ready) or bool(self._deferred)
+
     def zero_(self):
         for f in self.buffers:
             f.zero_()

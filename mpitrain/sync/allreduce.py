@@ -103,11 +103,13 @@ class AllreduceStrategy:
         self.buckets.finish(step)
 
     def skip_step(self, step):
-        """A skipped step (non-finite loss): complete the reductions backward launched (every
-        rank agreed to skip, so every rank finishes), then drop what the non-finite gradient
-        left in the compressors: non-finite residuals become zeros, non-finite shared state
-        (PowerSGD's Q) starts afresh."""
-        self.buckets.finish(step)
+        """A skipped step (a non-finite loss, or an fp16 overflow found after the reduction):
+        complete the reductions backward launched (every rank agreed to skip, so every rank
+        finishes), then drop what the non-finite gradient left in the compressors:
+        non-finite residuals become zeros, non-finite shared state (PowerSGD's Q) starts
+        afresh."""
+        if self.buckets.pending:  # (after an fp16 overflow the reductions are complete already)
+            self.buckets.finish(step)
         for c, initial in zip(self.compressors, self._initial):
             own = c.rank_state_dict()
             if any(not np.isfinite(a).all() for a in own.values()):
