@@ -41,6 +41,7 @@ from .comm import World
 from .config import OptimCfg, TrainCfg
 from .data.loader import Loader  # noqa: F401  (mpitrain.Loader)
 from .errors import UserError
+from .faults import Watchdog, env_timeout, watchdog
 from .options import build
 from .precision import Precision
 from .step import Step
@@ -108,6 +109,8 @@ class DistributedOptimizer:
                             + (" (call optimizer.backward(loss), not loss.backward(): it weights the loss for "
                                "the ranks, scales it for fp16 and times the reduction)" if calls == 0 else ""))
         loss = self._mt_loss.item() if torch.is_tensor(self._mt_loss) else float(self._mt_loss)
+        if self._mt_step.dog is not None:
+            self._mt_step.dog.beat(self._mt_step.steps + 1)
         self._mt_calls, self._mt_loss, self._mt_inner = 0, 0.0, True
         try:
             self._mt_step.finish(loss, 0)
@@ -152,11 +155,15 @@ def _distributed(optimizer: torch.optim.Optimizer, step: Step, resources, accumu
 
 def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "allreduce", *,
                world: World | None = None, log=None, accumulate: int = 1, clip_norm: float = 0.0,
-               precision: str = "fp32", on_nonfinite: str = "stop", max_skipped: int = 10, **options):
+               precision: str = "fp32", on_nonfinite: str = "stop", max_skipped: int = 10,
+               watchdog_s: float | None = None, **options):
     """Collective: make `model` and `optimizer` train data-parallel with `strategy`
     (rank 0's parameters are broadcast). Returns (model, the optimizer as a
     DistributedOptimizer of its own class). Options are the strategy's own, e.g. period=4;
-    accumulate, clip_norm, precision, on_nonfinite and max_skipped are train.* / optim.clip_norm."""
+    accumulate, clip_norm, precision, on_nonfinite, max_skipped and watchdog_s are train.* /
+    optim.clip_norm. The job runner's watchdog watches the loop: no progress on any rank for
+    `watchdog_s` (default: MPITRAIN_WATCHDOG_S, else 600; 0 = off) ends the job with exit 3,
+    naming the ranks that stopped (e.g. one that skipped an optimizer.step())."""
     from .sync import REGISTRY
     from .sync.base import ROLES
 
@@ -169,8 +176,10 @@ def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strateg
         raise UserError(f"strategy {strategy!r} with dedicated servers needs the job runner (mpitrain train)")
     cls = REGISTRY[strategy]
     opts = build(cls.Options, options, "distribute()", f"sync.{strategy}")
+    if watchdog_s is None:
+        watchdog_s = env_timeout()
     t = build(TrainCfg, {"accumulate": accumulate, "precision": precision, "on_nonfinite": on_nonfinite,
-                         "max_skipped": max_skipped}, "distribute()", "train")
+                         "max_skipped": max_skipped, "watchdog_s": watchdog_s}, "distribute()", "train")
     clip = build(OptimCfg, {"clip_norm": clip_norm}, "distribute()", "optim").clip_norm
     device = next(model.parameters()).device
     if t.precision == "fp16" and device.type != "cuda":
@@ -182,6 +191,11 @@ def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strateg
         raise UserError("distribute(): this model is distributed already (with another optimizer): close() that "
                         "optimizer first, or distribute the model once")
     resources = contextlib.ExitStack()
+    dog = watchdog()
+    if dog is None and t.watchdog_s > 0:  # none runs (the command line starts one): watch this loop
+        dog = Watchdog(t.watchdog_s, world)
+        dog.enter("training")
+        resources.callback(dog.close)
     _DISTRIBUTED.add(model)
     resources.callback(_DISTRIBUTED.discard, model)
     try:
@@ -192,7 +206,7 @@ def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strateg
             resources.close()
         raise
     step = Step(model, optimizer, strat, Precision(t.precision, device, world, reduced=cls.sums_gradients), world,
-                clip_norm=clip, on_nonfinite=t.on_nonfinite, max_skipped=t.max_skipped, log=log)
+                clip_norm=clip, on_nonfinite=t.on_nonfinite, max_skipped=t.max_skipped, dog=dog, log=log)
     return model, _distributed(optimizer, step, resources, t.accumulate)
 
 

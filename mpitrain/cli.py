@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ._version import __version__
@@ -202,15 +201,13 @@ def _run(args, world, log) -> None:
 
 def _startup_watchdog_s() -> float:
     """MPITRAIN_WATCHDOG_S (default 600): the watchdog's limit until a job file sets its own."""
-    raw = os.environ.get("MPITRAIN_WATCHDOG_S", "600")
+    from .faults import env_timeout
+
     try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        print(f"mpitrain: error: MPITRAIN_WATCHDOG_S={raw!r}: expected seconds >= 0 (0 = off)", file=sys.stderr)
+        return env_timeout()
+    except UserError as e:
+        print(f"mpitrain: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    return value
 
 
 def _serial_data(args, prepare):

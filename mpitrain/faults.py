@@ -115,6 +115,20 @@ INJECT = os.environ.get("MPITRAIN_INJECT_FAULT", "")
 _DOG: "Watchdog | None" = None
 
 
+def env_timeout() -> float:
+    """MPITRAIN_WATCHDOG_S (default 600): the watchdog's limit where no job file sets one
+    (the command line's start-up, the Python API's default); UserError if it is not a
+    number of seconds >= 0."""
+    raw = os.environ.get("MPITRAIN_WATCHDOG_S", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UserError(f"MPITRAIN_WATCHDOG_S={raw!r}: expected seconds >= 0 (0 = off)")
+    return value
+
+
 def watchdog() -> "Watchdog | None":
     """The process-wide watchdog, if one runs (cli.main starts it before anything else)."""
     return _DOG

@@ -684,3 +684,29 @@ def test_watchdog_aborts_a_hung_job_naming_the_rank(tmp_path, digits, mpirun):
     assert "mpitrain: watchdog on rank" in r.stderr and "ranks behind: 1 (computing step 1 (training))" in r.stderr
     assert "stopped or dead" not in r.stderr  # rank 1 sleeps: it is alive
     assert took < 60, took
+
+
+HANGING_LOOP = r"""
+import sys, torch, torch.nn.functional as F, mpitrain
+world = mpitrain.init()
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2)
+model, opt = mpitrain.distribute(model, torch.optim.SGD(model.parameters(), lr=0.1), watchdog_s=3)
+for step in range(50):
+    if world.rank == world.size - 1 and step == 3:
+        world.barrier()  # a bug: this rank skips the step and waits elsewhere
+    opt.zero_grad()
+    opt.backward(F.mse_loss(model(torch.ones(2, 4)), torch.zeros(2, 2)))
+    opt.step()
+opt.close()
+"""
+
+
+def test_a_user_loop_that_diverges_between_ranks_ends_with_exit_3(tmp_path, mpirun):
+    """The Python API runs the job runner's watchdog: a rank that leaves the loop's lockstep
+    does not hang the job forever; every rank ends with exit 3 within seconds."""
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_LOOP)
+    r = mpirun(2, script=script, timeout=120)
+    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
+    assert "watchdog" in r.stderr and "no progress" in r.stderr, r.stderr[-2000:]
