@@ -63,8 +63,11 @@ class AllreduceStrategy:
         self.world.broadcast_module(model)
         on_gpu = next(model.parameters()).is_cuda
         overlap = resolve_overlap(o.overlap, self.world.cores_per_rank(), on_gpu, self.world.thread_multiple)
+        # without overlap every bucket is reduced after backward: a small first bucket would
+        # only add a round of latency (a compressor's collectives twice over)
+        first_mb = o.first_bucket_mb if overlap != "none" else max(o.first_bucket_mb, o.bucket_mb)
         self.buckets = GradBuckets(model.parameters(), self.world, bucket_bytes=int(o.bucket_mb * 2**20),
-                                   first_bucket_bytes=int(o.first_bucket_mb * 2**20), overlap=overlap,
+                                   first_bucket_bytes=int(first_mb * 2**20), overlap=overlap,
                                    average=False, cuda_path=o.cuda_path, hierarchical=o.hierarchical,
                                    reducer=self._compressor(), timeline=trace.current, log=self.log)
         resources.callback(self.buckets.close)
@@ -72,7 +75,8 @@ class AllreduceStrategy:
         if self.log and self.world.is_root:
             sizes = ", ".join(f"{b.numel() * b.element_size() / 2**20:.1f}" for b in self.buckets.buffers)
             h = self.buckets.hierarchy
-            self.log.info(f"allreduce: {len(self.buckets.buffers)} buckets ({sizes} MB), overlap {self.buckets.overlap}"
+            n = len(self.buckets.buffers)
+            self.log.info(f"allreduce: {n} bucket{'s' if n != 1 else ''} ({sizes} MB), overlap {self.buckets.overlap}"
                           + (f", CUDA {'direct' if self.buckets.direct else 'staged'}" if on_gpu else "")
                           + (f", hierarchical over {h.nodes} node(s)" if h is not None else "")
                           + (f", compress {o.compress.kind} per bucket" if o.compress.kind != "none" else ""))

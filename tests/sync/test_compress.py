@@ -285,7 +285,8 @@ def test_runs_per_bucket_where_the_allreduce_would(world, monkeypatch, overlap):
     with contextlib.ExitStack() as resources:
         s, model = _strategy(world, Compress.of("recording", _Recording.Options()), resources, overlap=overlap)
         n = len(s.buckets.buffers)
-        assert n >= 3 and len(s.compressors) == n and s.state_dict() == {} and s.rank_state_dict() == {}
+        assert n >= (2 if overlap == "none" else 3)  # without overlap, no small first bucket
+        assert len(s.compressors) == n and s.state_dict() == {} and s.rank_state_dict() == {}
         thread = overlap in ("thread", "nonblocking") and world.thread_multiple
         seen = []
 
