@@ -53,7 +53,7 @@ def exact_sum(world, grad):
 EXACT = {
     "fp16": ({}, "integers", True),
     "bf16": ({}, "integers", True),
-    "topk": ({"ratio": 1.0}, "integers", True),  # floats: its sum's order is not MPI's (last bits at 4 ranks)
+    "topk": ({"ratio": 1.0}, "integers", True),  # floats: rank order, not MPI's (test_topk_sums_in_rank_order...)
     "powersgd": ({"rank": 12, "min_numel": 0}, "normal", False),
     "sign": ({}, "one magnitude", True),
 }
@@ -88,6 +88,28 @@ def test_exact_at_full_settings(world, kind):
             assert torch.equal(g, want), (kind, step, (g - want).abs().max())
         else:
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_sums_in_rank_order_on_every_rank(world):
+    """topk's decode adds one rank's values at a time, in rank order: at ratio 1 on floats the
+    result is bitwise the rank-order sum on every rank (one index_add_ over all ranks'
+    indices, in any other order, may differ in the last bits: a GPU's atomics pick one)."""
+    layout, grad = bucket(world, seed=3)
+    c = make(world, "topk", layout, grad, ratio=1.0)
+    g = grad.clone()
+    c.reduce_(g, 0)
+    every = world.allgather_tensor(grad)
+    want = torch.zeros_like(grad)
+    for r in range(world.size):
+        want += every[r]
+    assert torch.equal(g, want)
+    got = world.allgather_tensor(g)
+    assert all(torch.equal(got[0], x) for x in got)  # the replicas cannot drift
+    if world.size >= 3:  # the order matters for these floats: a shuffled sum differs somewhere
+        shuffled = torch.zeros_like(grad)
+        for r in reversed(range(world.size)):
+            shuffled += every[r]
+        assert not torch.equal(shuffled, want) or world.size < 3
 
 
 @pytest.mark.parametrize("kind, options", [("topk", {"ratio": 0.1}), ("topk", {"ratio": 0.1, "payload": "fp16"}),
