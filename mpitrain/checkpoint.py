@@ -35,6 +35,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -94,21 +96,73 @@ def _put_tree(g: h5py.Group, tree: dict) -> None:
             d.attrs["crc32"] = crc(a)
 
 
-def _get_tree(g: h5py.Group, bad: list) -> dict:
-    """The inverse of _put_tree; datasets whose crc32 does not match are named in `bad`."""
+def _get_tree(g: h5py.Group, bad: list, limit: int) -> dict:
+    """The inverse of _put_tree; datasets whose crc32 does not match are named in `bad`;
+    a dataset larger than `limit` bytes (the file's size) is not read."""
     out = {k: _plain(v) for k, v in g.attrs.items()}
     for k, d in g.items():
         if isinstance(d, h5py.Group):
-            out[k] = _get_tree(d, bad)
+            out[k] = _get_tree(d, bad, limit)
             continue
         if not isinstance(d, h5py.Dataset):
             raise UserError(f"{d.name} is not an array")
+        _check_size(d, limit)
         a = d[()]
         if "crc32" not in d.attrs or crc(np.asarray(a)) != int(d.attrs["crc32"]):
             bad.append(d.name)
         out[k] = np.asarray(a)
     out.pop("crc32", None)
     return out
+
+
+def _check_size(d: h5py.Dataset, limit: int) -> None:
+    """Our datasets are plain arrays stored whole in the file: one that claims more bytes
+    than the file has is crafted or damaged (reading it could exhaust memory)."""
+    if d.dtype.kind not in "biufS" or d.size * d.dtype.itemsize > limit:
+        raise UserError(f"{d.name}: {d.shape} {d.dtype} does not fit a {limit}-byte checkpoint")
+
+
+# What `probe` runs in a child process: parse the verified bytes and read every array and
+# attribute, so that a crash or a runaway allocation in libhdf5 on a crafted file (one whose
+# checksum was recomputed after the damage) ends the child, not the job.
+_PROBE = r"""
+import io, resource, sys
+cap = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+import h5py
+data = sys.stdin.buffer.read()
+try:
+    with h5py.File(io.BytesIO(data), "r") as f:
+        def visit(name, obj):
+            dict(obj.attrs)
+            if isinstance(obj, h5py.Dataset):
+                if obj.dtype.kind not in "biufS" or obj.size * obj.dtype.itemsize > len(data):
+                    raise ValueError(f"/{name}: {obj.shape} {obj.dtype} does not fit a {len(data)}-byte checkpoint")
+                obj[()]
+        dict(f.attrs)
+        f.visititems(visit)
+except BaseException as e:
+    print(" ".join(f"{type(e).__name__}: {e}"[:300].split()))
+    sys.exit(3)
+"""
+
+
+def probe(path: Path, image: bytes, timeout: float = 300.0) -> None:
+    """Parse `image` (a checkpoint's verified bytes) in a child process capped at
+    max(4 GiB, 16 x the file) of memory; UserError, one line, if libhdf5 fails, crashes or
+    runs away on it. Not collective (rank 0 probes auto-resume candidates and inspect)."""
+    cap = max(4 * 2**30, 16 * len(image))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+    try:
+        r = subprocess.run([sys.executable, "-c", _PROBE, str(cap)], input=image, capture_output=True,
+                           timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{path}: unreadable checkpoint (parsing it took over {timeout:.0f} s)") from None
+    if r.returncode < 0:
+        raise UserError(f"{path}: unreadable checkpoint (the HDF5 library crashed on it: signal {-r.returncode})")
+    if r.returncode:
+        why = r.stdout.decode(errors="replace").strip() or f"exit {r.returncode}"
+        raise UserError(f"{path}: unreadable checkpoint ({why})")
 
 
 def _plain(v):
@@ -152,11 +206,14 @@ def write(path: Path, tree: dict, meta: dict) -> float:
     return time.perf_counter() - t0
 
 
-def read(path: Path) -> dict:
+def read(path: Path, isolated: bool = False) -> dict:
     """Verify the whole file, then load its tree and verify every array: a dict with
     "meta" (the root attributes) and the components. UserError, one line, if anything is
-    wrong (never a crash: HDF5 only ever sees bytes whose checksum matched)."""
+    wrong. HDF5 only ever sees bytes whose checksum matched; `isolated` parses them in a
+    child process first (`probe`), for files that may have been crafted and re-sealed."""
     image = verified_bytes(path)
+    if isolated:
+        probe(path, image)
     try:
         with h5py.File(io.BytesIO(image), "r") as f:
             if f.attrs.get("format") != FORMAT:
@@ -167,13 +224,13 @@ def read(path: Path) -> dict:
                                 f"versions {', '.join(map(str, READS))} (written by a newer mpitrain? "
                                 f"it says {_plain(f.attrs.get('mpitrain_version', '?'))})")
             bad: list[str] = []
-            tree = _get_tree(f, bad) if version == 2 else _from_v1(f, bad)
+            tree = _get_tree(f, bad, len(image)) if version == 2 else _from_v1(f, bad, len(image))
             if bad:
                 raise UserError(f"{path}: checksum mismatch in {', '.join(bad[:3])}")
     except UserError as e:
         raise UserError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-    except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - whatever h5py raises on a crafted file is one line
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     root = {k: tree.pop(k) for k in list(tree) if not isinstance(tree[k], dict)}
     tree["meta"] = root | tree.get("meta", {})
     for need in REQUIRED:
@@ -213,9 +270,9 @@ def _check_shapes(path, tree: dict) -> None:
         raise UserError(f"{path}: meta/world_size is not an integer")
 
 
-def _from_v1(f: h5py.File, bad: list) -> dict:
+def _from_v1(f: h5py.File, bad: list, limit: int) -> dict:
     """Format 1 (one flat layout, mpitrain before the tree) as a format-2 tree."""
-    flat = _get_tree(f, bad)  # its root attribute `model` (the model's id) is shadowed by /model
+    flat = _get_tree(f, bad, limit)  # its root attribute `model` (the model's id) is shadowed by /model
     rng = flat.get("rng", {})
     cpu, cuda = rng.get("torch_cpu"), rng.get("torch_cuda")
     if cpu is None or np.ndim(cpu) != 2:
@@ -269,7 +326,7 @@ def newest_valid(run_dir: Path, log=None) -> tuple[Path, dict] | None:
     """The newest checkpoint that reads and verifies; broken ones are reported and skipped."""
     for p in list_checkpoints(run_dir):
         try:
-            return p, read(p)
+            return p, read(p, isolated=True)
         except UserError as e:
             if log:
                 log.warning(f"skipping checkpoint: {e}")
@@ -286,7 +343,7 @@ def describe(path: str) -> str:
     if not p.is_file():
         raise UserError(f"{p}: no such checkpoint")
     try:
-        tree = read(p)
+        tree = read(p, isolated=True)
     except UserError as e:
         raise UserError(f"INVALID: {e}") from None
     meta, pos = tree["meta"], tree["position"]

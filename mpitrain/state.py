@@ -193,8 +193,12 @@ def _load_replica(step, replica: dict) -> None:
 
 # -- reading and restoring --------------------------------------------------------------------
 
-def load(path, world) -> dict:
-    """Collective: a verified checkpoint tree, read by every rank (any failure is agreed)."""
+def load(path, world, probe: bool = True) -> dict:
+    """Collective: a verified checkpoint tree, read by every rank (any failure is agreed).
+    `probe`: rank 0 first parses it in a child process (checkpoint.probe), so that a
+    crafted file cannot crash the job's ranks (False: it was probed already)."""
+    if probe:
+        world.agree(lambda: checkpoint.read(Path(path), isolated=True) and None if world.is_root else None)
     return world.agree(checkpoint.read, Path(path))
 
 

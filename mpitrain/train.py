@@ -163,7 +163,7 @@ def resume(job: Job) -> state.Position:
         found = checkpoint.newest_valid(job.run_dir, job.log)
         return str(found[0]) if found else None
     path = world.on_root(choose)
-    tree = state.load(path, world) if path is not None else None
+    tree = state.load(path, world, probe=how != "auto") if path is not None else None  # auto: probed choosing
     pos = state.Position()
     if tree is not None:
         world.agree(state.check_position, tree, job.device, job.cfg.train.epochs, job.train_split.total)
