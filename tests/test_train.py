@@ -84,21 +84,25 @@ def test_allreduce_traffic_is_one_gradient_per_step(world, shared_tmp, digits_h5
     assert row["comm_bytes_per_step"] == 4 * n_params, (row, n_params)
 
 
-@pytest.fixture
-def digits_with_a_nan(world, shared_tmp, digits_h5):
-    """digits with one NaN pixel in training sample 5."""
+def _digits_with_nan(world, path, digits_h5, samples):
+    """A copy of digits with a NaN pixel in the training samples `samples` (an index)."""
     import h5py
 
-    path = shared_tmp / "nan.h5"
     if world.is_root:
         with h5py.File(digits_h5, "r") as src, h5py.File(path, "w") as dst:
             for split in ("train", "test"):
                 x = src[f"{split}/x"][:]
                 if split == "train":
-                    x[5, 0, 0] = np.nan
+                    x[samples, 0, 0] = np.nan
                 dst[f"{split}/x"], dst[f"{split}/y"] = x, src[f"{split}/y"][:]
     world.barrier()
     return path
+
+
+@pytest.fixture
+def digits_with_a_nan(world, shared_tmp, digits_h5):
+    """digits with one NaN pixel in training sample 5."""
+    return _digits_with_nan(world, shared_tmp / "nan.h5", digits_h5, 5)
 
 
 @pytest.mark.parametrize("strategy", ["allreduce", "local_sgd", "ps_sync"])
@@ -138,18 +142,7 @@ def test_non_finite_loss_skipped_on_every_rank(world, shared_tmp, digits_with_a_
 @pytest.fixture
 def digits_all_nan(world, shared_tmp, digits_h5):
     """digits whose every training sample has a NaN pixel: every step's loss is non-finite."""
-    import h5py
-
-    path = shared_tmp / "allnan.h5"
-    if world.is_root:
-        with h5py.File(digits_h5, "r") as src, h5py.File(path, "w") as dst:
-            for split in ("train", "test"):
-                x = src[f"{split}/x"][:]
-                if split == "train":
-                    x[:, 0, 0] = np.nan
-                dst[f"{split}/x"], dst[f"{split}/y"] = x, src[f"{split}/y"][:]
-    world.barrier()
-    return path
+    return _digits_with_nan(world, shared_tmp / "allnan.h5", digits_h5, slice(None))
 
 
 def test_skipping_forever_stops_and_logs_no_train_loss(world, shared_tmp, digits_all_nan, make_cfg):
