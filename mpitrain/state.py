@@ -197,8 +197,10 @@ def load(path, world, probe: bool = True) -> dict:
     """Collective: a verified checkpoint tree, read by every rank (any failure is agreed).
     `probe`: rank 0 first parses it in a child process (checkpoint.probe), so that a
     crafted file cannot crash the job's ranks (False: it was probed already)."""
-    if probe:
-        world.agree(lambda: checkpoint.read(Path(path), isolated=True) and None if world.is_root else None)
+    def probed():
+        if probe and world.is_root:  # the child parses it; the agreed read below is the one load
+            checkpoint.probe(Path(path), checkpoint.verified_bytes(Path(path)))
+    world.agree(probed)
     return world.agree(checkpoint.read, Path(path))
 
 

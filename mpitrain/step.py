@@ -96,7 +96,7 @@ class Step:
         t_compute = time.perf_counter()
         self.zero_grad()
         weight, total, n = self.weight(count), torch.zeros((), device=self.precision.device), 0
-        batches = list(inputs) if not isinstance(inputs, list) else inputs
+        batches = list(inputs)
         for i, fetch in enumerate(batches):
             with tracer.span("data"):
                 x, y = fetch()
