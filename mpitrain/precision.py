@@ -38,6 +38,10 @@ class Precision:
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
+    def scale_tensor(self) -> torch.Tensor:
+        """fp16: the current loss scale as a 0-dim tensor on the device (no host sync)."""
+        return self.scaler.scale(torch.ones((), device=self.device))
+
     def step(self, optimizer: torch.optim.Optimizer, clip_norm: float = 0.0) -> bool:
         """Collective for fp16 with local gradients: unscale, clip (the global norm of the
         gradients as they are now), step. Returns False where an fp16 overflow skipped it."""

@@ -31,7 +31,7 @@ import torch
 
 from . import trace
 from .faults import Diverged
-from .sync.base import NoSync, Skipping
+from .sync.base import NoSync, Scaled, Skipping
 
 
 def loss_weight(sums_gradients: bool, world_size: int, per: float) -> float:
@@ -117,6 +117,8 @@ class Step:
         """Backward of one micro-batch's loss x weight (x the fp16 loss scale); before the
         last micro-batch the strategy's reduction waits (no_sync)."""
         quiet = not last and isinstance(self.strategy, NoSync)
+        if self.precision.scaler is not None and isinstance(self.strategy, Scaled):
+            self.strategy.loss_scale(self.precision.scale_tensor())
         with self.strategy.no_sync() if quiet else contextlib.nullcontext():
             self.precision.scale(loss * weight).backward()
 

@@ -95,42 +95,60 @@ def test_loss_scale_survives_a_checkpoint(world, tmp_path):
     assert fresh.load_state_dict({}) is False  # a checkpoint without it: a fresh scale
 
 
-@pytest.mark.parametrize("kind", ["topk", "powersgd", "sign"])
-def test_an_fp16_overflow_leaves_no_inf_in_the_compressors(world, kind):
+@pytest.mark.parametrize("kind", ["topk", "powersgd", "sign", "fp16", "bf16"])
+def test_an_fp16_overflow_leaves_the_compressors_state_as_before(world, kind):
     """An fp16 overflow reaches the compressors with the reduction (per bucket, during
-    backward) before the scaler finds it; the step's skip_step drops what it left (inf
-    residuals, PowerSGD's Q), so training goes on instead of skipping every later step."""
+    backward) before the scaler finds it; the skipped step puts every compressor's state
+    (residuals, PowerSGD's Q) back bit for bit, so training goes on instead of skipping
+    every later step. Residuals are kept unscaled: the same after a step at loss scale 1
+    and at 2^10."""
     import contextlib
 
     import numpy as np
 
+    from mpitrain import config
     from mpitrain.step import Step
     from mpitrain.sync import create
-    from mpitrain import config
+    from mpitrain.sync.compress import REGISTRY
 
+    assert kind in REGISTRY and set(REGISTRY) <= {"topk", "powersgd", "sign", "fp16", "bf16"}  # all of them
     compress = {"kind": kind, **({"ratio": 0.5} if kind == "topk" else {}),
                 **({"rank": 1, "min_numel": 0} if kind == "powersgd" else {})}
     spec = config.from_dict({"sync": {"strategy": "allreduce", "allreduce": {"compress": compress,
                                                                              "overlap": "thread"}}}).sync
-    with contextlib.ExitStack() as resources:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        strategy = create(spec, world)
-        strategy.setup(model, opt, resources)
-        prec = Precision("fp16", torch.device("cpu"), world, reduced=True)
-        step = Step(model, opt, strategy, prec, world, loss_fn=lambda out, y: (out - y).pow(2).sum())
-        x, y = torch.randn(3, 4), torch.full((3, 2), 0.5)
 
-        def one():
-            return step([lambda: (x, y)], 3 * world.size)
-        prec.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled gradients overflow
-        assert one().skipped
-        prec.scaler.update(1024.0)
-        states = [c.rank_state_dict() | c.state_dict() for c in strategy.compressors]
-        assert all(np.isfinite(a).all() for s in states for a in s.values()), states
-        for _ in range(3):
-            assert not one().skipped
-        assert all(torch.isfinite(p).all() for p in model.parameters())
-        got = world.allgather(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy())
-        assert all(np.array_equal(got[0], g) for g in got)
+    def run(scales, bad_at=None):
+        """States after each step at these loss scales (an overflow at step `bad_at`)."""
+        with contextlib.ExitStack() as resources:
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            strategy = create(spec, world)
+            strategy.setup(model, opt, resources)
+            prec = Precision("fp16", torch.device("cpu"), world, reduced=True)
+            step = Step(model, opt, strategy, prec, world, loss_fn=lambda out, y: (out - y).pow(2).sum())
+            gen = torch.Generator().manual_seed(world.rank)
+            states, skipped = [], []
+            for i, s in enumerate(scales):
+                x, y = torch.randn(3, 4, generator=gen), torch.full((3, 2), 0.5)
+                prec.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127 if i == bad_at else s,
+                                                   growth_interval=10**6)
+                skipped.append(step([lambda: (x, y)], 3 * world.size).skipped)
+                states.append({k: a.copy() for c in strategy.compressors
+                               for k, a in (c.rank_state_dict() | c.state_dict()).items()})
+            params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+            return states, skipped, params
+
+    states, skipped, params = run([1.0, 1.0, 1.0, 1.0, 1.0], bad_at=2)
+    assert skipped == [False, False, True, False, False]
+    for k in states[1]:  # the skipped step left the state bitwise as it was before it
+        assert np.array_equal(states[1][k], states[2][k]), k
+    assert all(np.isfinite(a).all() for s in states for a in s.values())
+    got = world.allgather(params)
+    assert all(np.array_equal(got[0], g) for g in got) and np.isfinite(params).all()
+    # unscaled residuals: a run whose loss scale grows to 2^10 keeps the same state
+    scaled, _, scaled_params = run([1.0, 2.0**10, 2.0**10])
+    plain, _, plain_params = run([1.0, 1.0, 1.0])
+    for k in plain[-1]:
+        np.testing.assert_allclose(scaled[-1][k], plain[-1][k], rtol=1e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(scaled_params, plain_params, rtol=1e-5, atol=1e-7)

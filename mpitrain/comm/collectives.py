@@ -102,6 +102,8 @@ class GradBuckets:
     the (offset, shape) of each parameter in it, a World on the buckets' communicator) and
     returns the object whose `reduce_(buf, step)` turns the bucket into the sum over ranks
     in place, instead of an allreduce (no hierarchy, no staging: it does its own transfers).
+    The reducer sees the bucket divided by `loss_scale` (a 0-dim tensor, e.g. the fp16 loss
+    scale of the coming backward; None: as it is) and its result is multiplied back.
     `step` is the number passed to the last `finish` + 1; before the first `finish(step)`
     it is unknown, so that step's reductions wait for `finish` (no overlap once).
     `timeline()`, if given, returns where each bucket's reduction is recorded (an object
@@ -163,6 +165,7 @@ class GradBuckets:
         self.hierarchy = (self._choose_hierarchy(hierarchical, world, log) if self.buffers and reducer is None
                           else None)
         self.step: int | None = None  # the step of the next reduction (for the reducer)
+        self.loss_scale: torch.Tensor | None = None  # divided out of what a reducer sees
         self.reducers = None
         if reducer is not None:
             # the buckets' own communicator (the comm thread's), and the path chosen above
@@ -242,7 +245,12 @@ class GradBuckets:
         if self.reducers is not None:
             if self._events[b] is not None:  # this thread's stream starts after the bucket is complete
                 torch.cuda.current_stream(flat.device).wait_event(self._events[b])
+            scale = self.loss_scale
+            if scale is not None:  # a power of two: exact both ways
+                flat.div_(scale)
             self.reducers[b].reduce_(flat, self.step)
+            if scale is not None:
+                flat.mul_(scale)
         else:
             buffers.allreduce_(self.comm, flat, direct=self.direct, stager=self.stagers[b], ready=self._events[b],
                                count=False, via=self.hierarchy)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import numpy as np
-
 from .. import trace
 from ..comm.collectives import GradBuckets, resolve_overlap
 from ..errors import UserError
@@ -71,7 +69,7 @@ class AllreduceStrategy:
                                    average=False, cuda_path=o.cuda_path, hierarchical=o.hierarchical,
                                    reducer=self._compressor(), timeline=trace.current, log=self.log)
         resources.callback(self.buckets.close)
-        self._initial = [c.state_dict() for c in self.compressors]  # a skipped step's fallback
+        self._commit()  # a skipped step's fallback
         if self.log and self.world.is_root:
             sizes = ", ".join(f"{b.numel() * b.element_size() / 2**20:.1f}" for b in self.buckets.buffers)
             h = self.buckets.hierarchy
@@ -109,20 +107,24 @@ class AllreduceStrategy:
     def skip_step(self, step):
         """A skipped step (a non-finite loss, or an fp16 overflow found after the reduction):
         complete the reductions backward launched (every rank agreed to skip, so every rank
-        finishes), then drop what the non-finite gradient left in the compressors:
-        non-finite residuals become zeros, non-finite shared state (PowerSGD's Q) starts
-        afresh."""
+        finishes), then put every compressor's state back as it was before the step, bit
+        for bit (residuals, PowerSGD's Q)."""
         if self.buckets.pending:  # (after an fp16 overflow the reductions are complete already)
             self.buckets.finish(step)
-        for c, initial in zip(self.compressors, self._initial):
-            own = c.rank_state_dict()
-            if any(not np.isfinite(a).all() for a in own.values()):
-                c.load_rank_state_dict({k: np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) for k, a in own.items()})
-            if any(not np.isfinite(a).all() for a in c.state_dict().values()):
-                c.load_state_dict(initial)
+        for c in self.compressors:
+            c.rollback()
+
+    def loss_scale(self, scale):
+        """The fp16 loss scale of the coming backward's gradients: the compressors see them
+        divided by it (their residuals stay in the gradient's units)."""
+        self.buckets.loss_scale = scale
 
     def after_step(self, step):
-        pass
+        self._commit()
+
+    def _commit(self):
+        for c in self.compressors:
+            c.commit()
 
     def state_dict(self) -> dict:
         """The compressors' state equal on every rank: {"compress": {"<bucket>": arrays}} or {}."""
@@ -145,6 +147,7 @@ class AllreduceStrategy:
         if tree is not None:
             fresh += self._load(tree, "load_rank_state_dict", "error feedback starts at zero")
         self._fresh = []
+        self._commit()
         if fresh and self.log and self.world.is_root:
             self.log.info(f"allreduce: the checkpoint holds no {self.options.compress.kind} state (written before "
                           f"it was saved, or with other compress or bucket options): {'; '.join(fresh)}")

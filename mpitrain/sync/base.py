@@ -97,8 +97,19 @@ class Skipping(Protocol):
 
     def skip_step(self, step: int) -> None:
         """Collective, instead of after_backward/after_step on a skipped step: finish or
-        discard this step's reductions without applying anything, and keep no non-finite
-        state (e.g. compression residuals) from it."""
+        discard this step's reductions without applying anything, and leave the state it
+        keeps (e.g. compression residuals) as it was before the step."""
+
+
+@runtime_checkable
+class Scaled(Protocol):
+    """Optional, for strategies that keep state computed from the gradients (compression
+    residuals): told the fp16 loss scale before each backward, to keep that state in the
+    gradient's own units."""
+
+    def loss_scale(self, scale: torch.Tensor) -> None:
+        """The loss scale of the coming backward's gradients (a 0-dim tensor on their
+        device; read without a host sync)."""
 
 
 @runtime_checkable

@@ -25,7 +25,13 @@ never loads): `state_dict()` the arrays equal on every rank (PowerSGD's Q),
 `rank_state_dict()` this rank's own (error-feedback residuals), and
 `load_state_dict(d)` / `load_rank_state_dict(d)` -> bool: False when `d` does not fit
 (other names, shapes or dtypes): nothing is changed then, so a compressor just made starts
-afresh. The base class keeps these for the tensors named in `self.shared` / `self.own`.
+afresh. The base class keeps these for the tensors named in `self.shared` / `self.own`,
+and `commit()` / `rollback()`: a copy of that state as of the last counted step, put back
+when a step is skipped (an fp16 overflow is found only after the reduction, on every rank,
+so each compressor's state returns bitwise to what it was before the step). The gradient
+a compressor sees is unscaled (GradBuckets divides the fp16 loss scale out before
+`reduce_` and multiplies it back after), so residuals stay in the gradient's own units
+when the scale grows or backs off.
 
 `wire(numel, matrices, world_size, options)` declares what `reduce_` hands to MPI for a
 bucket of `numel` values whose weight matrices are `matrices` ((rows, cols) of the
@@ -110,6 +116,25 @@ class Compressor:
 
     def load_rank_state_dict(self, arrays: dict) -> bool:
         return _load(self.own, arrays, self.name)
+
+    def _state(self) -> list[torch.Tensor]:
+        return [*self.shared.values(), *self.own.values()]
+
+    def commit(self) -> None:
+        """Keep a copy of the state as it is now (after a counted step, setup or a load)."""
+        state = self._state()
+        if getattr(self, "_committed", None) is None or len(self._committed) != len(state):
+            self._committed = [t.detach().clone() for t in state]
+        else:
+            with torch.no_grad():
+                for kept, t in zip(self._committed, state):
+                    kept.copy_(t)
+
+    def rollback(self) -> None:
+        """Put back the state of the last `commit` (a skipped step), bit for bit."""
+        with torch.no_grad():
+            for kept, t in zip(self._committed or [], self._state()):
+                t.copy_(kept)
 
 
 def _arrays(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, np.ndarray]:
