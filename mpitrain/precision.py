@@ -14,6 +14,7 @@ scale and its growth counter (`state_dict`), so a resumed fp16 run scales as it 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -42,10 +43,15 @@ class Precision:
         """fp16: the current loss scale as a 0-dim tensor on the device (no host sync)."""
         return self.scaler.scale(torch.ones((), device=self.device))
 
-    def step(self, optimizer: torch.optim.Optimizer, clip_norm: float = 0.0) -> bool:
+    def step(self, optimizer: torch.optim.Optimizer, clip_norm: float = 0.0, sq_norm=None) -> bool:
         """Collective for fp16 with local gradients: unscale, clip (the global norm of the
-        gradients as they are now), step. Returns False where an fp16 overflow skipped it."""
+        gradients as they are now), step. Returns False where an fp16 overflow skipped it.
+        `sq_norm()` (collective), where the optimizer holds only this rank's chunks of the
+        reduced gradient (zero): their squared global norm, which clipping and the fp16
+        overflow check use instead of this rank's chunks alone."""
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if sq_norm is not None:
+            return self._step_sharded(optimizer, clip_norm, params, sq_norm)
         if self.scaler is None:
             if clip_norm:
                 torch.nn.utils.clip_grad_norm_(params, clip_norm)
@@ -62,6 +68,23 @@ class Precision:
         self.scaler.step(optimizer)
         self.scaler.update()
         return self.scaler.get_scale() >= before  # the scaler backs off only after a skipped step
+
+    def _step_sharded(self, optimizer, clip_norm: float, params, sq_norm) -> bool:
+        if self.scaler is None:
+            if clip_norm:
+                _clip(params, clip_norm, math.sqrt(sq_norm()))
+            optimizer.step()
+            return True
+        sq = sq_norm()  # of the scaled gradients: not finite where any rank's chunk overflowed
+        if not math.isfinite(sq) and params:  # make every rank's scaler skip and back off alike
+            params[0].grad.view(-1)[0] = float("inf")
+        self.scaler.unscale_(optimizer)
+        if clip_norm and math.isfinite(sq):
+            _clip(params, clip_norm, math.sqrt(sq) / self.scaler.get_scale())  # a power of two: exact
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= before
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """fp16: the loss scale and the count of good steps towards its next growth (the same
@@ -80,3 +103,11 @@ class Precision:
         sd.update(scale=float(arrays["scale"][0]), _growth_tracker=int(arrays["growth_tracker"][0]))
         self.scaler.load_state_dict(sd)
         return True
+
+
+def _clip(params, max_norm: float, total: float) -> None:
+    """Scale the gradients to a global 2-norm of at most max_norm, as
+    torch.nn.utils.clip_grad_norm_ does given the norm `total`."""
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    for p in params:
+        p.grad.mul_(coef)

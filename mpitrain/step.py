@@ -31,7 +31,7 @@ import torch
 
 from . import trace
 from .faults import Diverged
-from .sync.base import NoSync, Scaled, Skipping
+from .sync.base import NoSync, Scaled, Sharded, Skipping
 
 
 def loss_weight(sums_gradients: bool, world_size: int, per: float) -> float:
@@ -139,7 +139,8 @@ class Step:
                 # clips the reduced gradient's norm (the same on every rank); an fp16 overflow
                 # skips the step on every rank
                 with tracer.span("optimizer"):
-                    overflow = not self.precision.step(self.optimizer, self.clip_norm)
+                    sq_norm = self.strategy.grad_sq_norm if isinstance(self.strategy, Sharded) else None
+                    overflow = not self.precision.step(self.optimizer, self.clip_norm, sq_norm)
                     if overflow and isinstance(self.strategy, Skipping):  # fp16: agreed on every rank
                         self.strategy.skip_step(k)
                     self.strategy.after_step(k)

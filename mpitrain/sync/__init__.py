@@ -1,6 +1,6 @@
 """Parameter-sharing strategies, one per module, behind the protocol in base.py."""
 
-from . import allreduce, bmuf, easgd, local_sgd, ps  # noqa: F401  (they register themselves)
+from . import allreduce, bmuf, easgd, local_sgd, ps, zero  # noqa: F401  (they register themselves)
 from .base import REGISTRY, NoSync, Reporting, Stateful, Strategy, create, register, roles
 
 __all__ = ["REGISTRY", "NoSync", "Reporting", "Stateful", "Strategy", "create", "register", "roles"]

@@ -113,6 +113,24 @@ class Scaled(Protocol):
 
 
 @runtime_checkable
+class Sharded(Protocol):
+    """Optional, for strategies that shard the reduced gradient and the optimizer state over
+    the ranks (zero): the optimizer holds only this rank's chunks as its parameters."""
+
+    def grad_sq_norm(self) -> float:
+        """Collective: the squared 2-norm of the whole reduced gradient (inf or NaN where
+        any rank's chunk is not finite): what clipping and an fp16 overflow check see."""
+
+    def optim_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """Collective: the optimizer's state as an unsharded optimizer's (state.optim_state's
+        tree) on rank 0, {} elsewhere: checkpoints do not depend on the world size."""
+
+    def unsharded(self, optimizer: torch.optim.Optimizer) -> ContextManager[None]:
+        """Within the block the optimizer holds the model's whole parameters (to load a
+        checkpoint's state into); leaving it, each rank keeps its chunks. Local."""
+
+
+@runtime_checkable
 class NoSync(Protocol):
     """Optional, for strategies that reduce during backward (hooks): gradient accumulation."""
 

@@ -1,0 +1,107 @@
+"""ZeRO (sync.strategy = "zero"): the oracle is allreduce with the same optimizer. Buckets
+of a few hundred bytes put several parameters in one bucket, parameters across chunk
+borders and chunks of unequal sizes at 3 ranks; two parameter groups (no weight decay on
+biases) give buckets per group."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from mpitrain import config
+from mpitrain.errors import AgreedError
+from mpitrain.precision import Precision
+from mpitrain.step import Step
+from mpitrain.sync import create
+
+pytestmark = pytest.mark.mpi
+
+OPTIMIZERS = {
+    "sgd": (lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-3), 1e-6),
+    "adam": (lambda groups: torch.optim.Adam(groups, lr=0.01), 1e-5),
+    "adamw": (lambda groups: torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1), 1e-5),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
+
+
+def _groups(model):
+    return [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")]},
+            {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
+
+
+def run(world, sync: dict, optim: str = "sgd", steps: int = 4, clip: float = 0.0, accumulate: int = 1,
+        precision: str = "fp32", hook=None):
+    """The parameters (flat) after `steps` steps of a 7-13-5 MLP on rank-dependent data."""
+    spec = config.from_dict({"sync": sync}).sync
+    with contextlib.ExitStack() as resources:
+        model = _model()
+        opt = OPTIMIZERS[optim][0](_groups(model))
+        strategy = create(spec, world)
+        strategy.setup(model, opt, resources)
+        prec = Precision(precision, torch.device("cpu"), world, reduced=True)
+        step = Step(model, opt, strategy, prec, world, clip_norm=clip,
+                    loss_fn=lambda out, y: (out - y).pow(2).sum())
+        gen = torch.Generator().manual_seed(100 + world.rank)
+        for i in range(steps):
+            batches = [(torch.randn(3, 7, generator=gen), torch.randn(3, 5, generator=gen)) for _ in range(accumulate)]
+            step([lambda b=b: b for b in batches], 3 * accumulate * world.size)
+            if hook is not None:
+                hook(i, model, opt, strategy, step)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
+
+
+ZERO = {"strategy": "zero", "zero": {"bucket_mb": 400 / 2**20}}  # ~100 values per bucket
+PLAIN = {"strategy": "allreduce", "allreduce": {"overlap": "none"}}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("optim", sorted(OPTIMIZERS))
+def test_zero_equals_allreduce(world, stage, optim):
+    zero = {**ZERO, "zero": {**ZERO["zero"], "stage": stage}}
+    want = run(world, PLAIN, optim)
+    got = run(world, zero, optim)
+    np.testing.assert_allclose(got, want, rtol=OPTIMIZERS[optim][1], atol=1e-7)
+    same = world.allgather(got)
+    assert all(np.array_equal(same[0], g) for g in same)  # whole and equal on every rank
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("overlap", ["thread", "none"])
+def test_clipping_accumulation_and_bf16_equal_allreduce(world, stage, overlap):
+    zero = {**ZERO, "zero": {**ZERO["zero"], "stage": stage, "overlap": overlap}}
+    for kw in ({"clip": 0.05}, {"accumulate": 3}, {"precision": "bf16", "optim": "adam"}):
+        want = run(world, PLAIN, **kw)
+        got = run(world, zero, **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-5 if "precision" in kw else 1e-6, atol=1e-7, err_msg=str(kw))
+
+
+def test_optimizer_holds_only_this_ranks_chunks(world):
+    """1/N of the optimizer state per rank (to the value, chunks differing by at most one)."""
+    def check(i, model, opt, strategy, step):
+        held = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+        total = sum(p.numel() for p in model.parameters())
+        buckets = len(strategy.buckets)
+        assert total // world.size - buckets <= held // 2 <= total // world.size + buckets, (held, total)
+    run(world, {**ZERO, "zero": {**ZERO["zero"], "stage": 2}}, "adam", steps=2, hook=check)
+
+
+def test_not_elementwise_optimizer_is_one_line(world):
+    model = _model()
+    opt = torch.optim.LBFGS(model.parameters())
+    strategy = create(config.from_dict({"sync": ZERO}).sync, world)
+    with contextlib.ExitStack() as resources, pytest.raises(AgreedError) as e:
+        strategy.setup(model, opt, resources)
+    assert "elementwise" in str(e.value) and "LBFGS" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_stage_is_one_line():
+    from mpitrain.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        config.from_dict({"sync": {"strategy": "zero", "zero": {"stage": 3}}}, "<test>")
+    assert "sync.zero.stage" in str(e.value) and "\n" not in str(e.value)
