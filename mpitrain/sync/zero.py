@@ -44,6 +44,7 @@ from .base import register
 
 # torch optimizers whose update of a value depends only on that value's own gradient and
 # state (and per-parameter scalars such as the step count): right on slices of flat buckets
+OFFLOAD_ON_CPU = False  # tests: offload's copies between two host tensors, where there is no GPU
 ELEMENTWISE = tuple(getattr(torch.optim, n) for n in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
                                                        "Adagrad", "Adadelta", "RMSprop", "Rprop", "ASGD"))
 
@@ -56,6 +57,9 @@ class Options:
     overlap: str = opt("auto", choices=("auto", "thread", "none"),
                        help="thread: each bucket's reduce-scatter on a comm thread during backward; auto: "
                             "thread when each rank has >= 2 cores or a GPU, else none")
+    offload: bool = opt(False, help="ZeRO-Offload (GPU runs): this rank's optimizer chunks, their state and "
+                                    "update in host memory; the gradient chunk arrives there, the parameter "
+                                    "chunk goes back to the GPU before the allgather")
 
 
 def chunks(n: int, size: int) -> tuple[list[int], list[int]]:
@@ -69,7 +73,7 @@ class _Bucket:
     """Parameters of one group packed into `flat`; this rank's chunk is `shard` (an
     optimizer parameter sharing flat's storage)."""
 
-    def __init__(self, params: list, group: int, rank: int, size: int, stage: int):
+    def __init__(self, params: list, group: int, rank: int, size: int, stage: int, offload: bool):
         self.params, self.group = params, group
         self.offsets = [0]
         for p in params:
@@ -83,7 +87,11 @@ class _Bucket:
             for p, o in zip(params, self.offsets):
                 self.flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = self.flat[o:o + p.numel()].view_as(p)
-        self.shard = torch.nn.Parameter(self.flat[self.lo:self.hi])  # shares flat's storage
+        chunk = self.flat[self.lo:self.hi]
+        # the optimizer's parameter: flat's own storage, or (offload) a host copy
+        self.shard = torch.nn.Parameter(chunk.detach().to("cpu", copy=True).pin_memory() if offload and chunk.is_cuda
+                                        else chunk.detach().clone() if offload else chunk)
+        self.offload = offload
         self.shard.grad = torch.zeros_like(self.shard)
         # stage 1: the model's .grad are views of one persistent buffer
         self.grad = torch.zeros_like(self.flat) if stage == 1 else None
@@ -134,11 +142,11 @@ class ZeroStrategy:
             cur: list = []
             for p in reversed([p for p in params if p.requires_grad]):  # backward order, roughly
                 if cur and sum(q.numel() * q.element_size() for q in cur) + p.numel() * p.element_size() > limit:
-                    self.buckets.append(_Bucket(cur, gi, world.rank, world.size, o.stage))
+                    self.buckets.append(_Bucket(cur, gi, world.rank, world.size, o.stage, o.offload))
                     cur = []
                 cur.append(p)
             if cur:
-                self.buckets.append(_Bucket(cur, gi, world.rank, world.size, o.stage))
+                self.buckets.append(_Bucket(cur, gi, world.rank, world.size, o.stage, o.offload))
         self.bucket_of = {p: (b, i) for b, bk in enumerate(self.buckets) for i, p in enumerate(bk.params)}
         self._shard(optimizer, self._full_state(optimizer))
         self.ready = True
@@ -156,7 +164,8 @@ class ZeroStrategy:
         if self.log and world.is_root:
             total = sum(b.flat.numel() for b in self.buckets)
             self.log.info(f"zero: stage {o.stage}, {len(self.buckets)} bucket{'s' if len(self.buckets) != 1 else ''} "
-                          f"({total:,} values, {total / world.size:,.0f} per rank), overlap {self.overlap}")
+                          f"({total:,} values, {total / world.size:,.0f} per rank), overlap {self.overlap}"
+                          + (", optimizer in host memory (offload)" if o.offload else ""))
 
     def _unfit(self, model, optimizer) -> str | None:
         """Why this model and optimizer cannot be sharded (decided on every rank alike)."""
@@ -173,6 +182,9 @@ class ZeroStrategy:
                     f"half precision on float32 master weights); the model has {', '.join(kinds)} ones")
         if len({p.device for p in params}) > 1:
             return "sync.strategy = 'zero': the model's parameters are on more than one device"
+        if self.options.offload and not params[0].is_cuda and not OFFLOAD_ON_CPU:
+            return ("sync.zero.offload = true moves the optimizer to host memory for GPU runs; this run's "
+                    "parameters are in host memory already (set it to false, or train.device = 'cuda')")
         n = sum(p.numel() for p in params)
         if n < self.world.size:
             return f"sync.strategy = 'zero': {n} trainable values cannot be sharded over {self.world.size} ranks"
@@ -210,8 +222,9 @@ class ZeroStrategy:
     @contextlib.contextmanager
     def unsharded(self, opt):
         """Within the block the optimizer `opt` holds the model's whole parameters and no
-        state (to load a checkpoint's state into, checked against them); on leaving, this
-        rank's chunks of what was loaded become its state. Local: no communication."""
+        state (to load a checkpoint's model and optimizer state into, checked against them);
+        on leaving, this rank's chunks of what was loaded become its state (and, with
+        offload, its host copy of the parameters). Local: no communication."""
         if not self.ready:  # not set up yet: the optimizer is whole anyway
             yield
             return
@@ -230,6 +243,10 @@ class ZeroStrategy:
                 g["params"] = params
             if full is not None:
                 self._shard(opt, full)
+            with torch.no_grad():
+                for bk in self.buckets:
+                    if bk.offload:  # the model may have been loaded too: the host chunks follow it
+                        bk.shard.copy_(bk.flat[bk.lo:bk.hi])
 
     def optim_state(self, opt) -> dict:
         """Collective: the optimizer's state in the layout of an unsharded optimizer (the
@@ -384,6 +401,8 @@ class ZeroStrategy:
     def after_step(self, step):
         """Every bucket's parameters from their owners (in place)."""
         for bk in self.buckets:
+            if bk.offload:  # this rank's updated chunk, from host memory
+                bk.flat[bk.lo:bk.hi].copy_(bk.shard.detach())
             host = bk.flat.cpu() if bk.flat.is_cuda else bk.flat
             buffers.TRAFFIC.add((bk.hi - bk.lo) * host.element_size())
             self.comm.Allgatherv(MPI.IN_PLACE, [host.numpy(), bk.counts, bk.displs, buffers.mpi_dtype(host)])

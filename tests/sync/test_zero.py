@@ -173,3 +173,21 @@ def test_the_python_api_equals_allreduce(world):
         out.append(_flat(model))
         opt.close()
     np.testing.assert_allclose(out[1], out[0], rtol=1e-5, atol=1e-7)
+
+
+def test_offload_equals_allreduce_and_is_refused_on_cpu(world, monkeypatch):
+    """ZeRO-Offload's logic on CPU: the optimizer's chunks in separate host tensors, copied
+    back before the allgather (on a GPU run they are pinned host memory)."""
+    from mpitrain.sync import zero
+
+    offload = {**ZERO, "zero": {**ZERO["zero"], "offload": True}}
+    with pytest.raises(AgreedError) as e:
+        run(world, offload, "adam")
+    assert "offload" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(zero, "OFFLOAD_ON_CPU", True)
+
+    def separate(i, model, opt, strategy, step):
+        flat = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        assert all(p.untyped_storage().data_ptr() not in flat for g in opt.param_groups for p in g["params"])
+    for kw in ({"optim": "adam"}, {"optim": "sgd", "clip": 0.05}):
+        np.testing.assert_allclose(run(world, offload, hook=separate, **kw), run(world, PLAIN, **kw), rtol=1e-5, atol=1e-7)
