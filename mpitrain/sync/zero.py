@@ -314,8 +314,9 @@ class ZeroStrategy:
 
     def _launch(self, b: int):
         bk = self.buckets[b]
-        if self._thread is None:
-            self._launched[b] = True  # reduced in finish, after backward
+        if self._thread is None:  # blocking, now: stage 2 releases the bucket's gradients at once
+            self._launched[b] = True
+            self._reduce_scatter(bk, self._send_buffer(bk))
             return
         if self.options.stage == 2 and b >= 2:  # at most two stage-2 buckets in flight
             self._wait(b - 2)
@@ -337,6 +338,8 @@ class ZeroStrategy:
         """Blocking: rank r's chunk of the bucket's gradient summed over ranks, into its
         shard's .grad (through host memory for CUDA tensors)."""
         host = send.cpu() if send.is_cuda else send
+        if bk.shard.grad is None:  # the user's zero_grad(set_to_none=True)
+            bk.shard.grad = torch.zeros_like(bk.shard)
         out = bk.shard.grad
         recv = torch.empty(bk.hi - bk.lo, dtype=host.dtype) if out.is_cuda else out
         buffers.TRAFFIC.add(host.numel() * host.element_size())
@@ -372,19 +375,11 @@ class ZeroStrategy:
         for b, bk in enumerate(self.buckets):
             if self._thread is not None:
                 self._wait(b)
-            else:
-                self._reduce_scatter(bk, self._send_buffer(bk))
-            if bk.shard.grad is None:  # the user's zero_grad(set_to_none=True)
-                bk.shard.grad = torch.zeros_like(bk.shard)
             if bk.grad is not None:
                 bk.grad.zero_()
         self._reset()
 
     def after_backward(self, step):
-        if any(bk.shard.grad is None for bk in self.buckets):
-            for bk in self.buckets:  # restored before the reduce-scatter writes into it
-                if bk.shard.grad is None:
-                    bk.shard.grad = torch.zeros_like(bk.shard)
         self._finish()
 
     def skip_step(self, step):
