@@ -5,10 +5,15 @@ another type (wrong sums, silently), so half-precision tensors are reduced in fl
 cast back. A CUDA tensor is handed to MPI only when the library is CUDA-aware; otherwise
 it is staged through a pinned host buffer (a non-CUDA-aware Open MPI segfaults on a device
 pointer); the job agrees on one path for every transfer (World.select_device).
+
+MPI counts are C ints: every call here moves at most counts.MAX_COUNT elements, larger
+tensors go in pieces. Broadcasts, allgathers and all-to-alls move any dtype bit for bit as
+integer words of its element size (not bytes), so a piece holds up to 2^31 - 1 elements.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import os
@@ -17,6 +22,8 @@ import threading
 
 import torch
 from mpi4py import MPI
+
+from . import counts
 
 
 class Traffic:
@@ -119,13 +126,17 @@ def _libmpi():
 
 
 class Stager:
-    """Pinned host mirror of one device tensor for MPI on a non-CUDA-aware library, with
-    copies on a side stream ordered against the tensor's producers and consumers."""
+    """Pinned host mirror of one device tensor for MPI on a non-CUDA-aware library (plain
+    host memory for a CPU tensor, e.g. the float32 mirror of a float16 one), with copies
+    on a side stream ordered against the tensor's producers and consumers: the calling
+    thread's current stream, or the event passed in, never the default stream implicitly."""
 
     def __init__(self, like: torch.Tensor):
         dtype = torch.float32 if like.dtype in VIA_FLOAT32 else like.dtype
         self.host = torch.empty(like.numel(), dtype=dtype, pin_memory=like.is_cuda)
+        self.nbytes = self.host.numel() * self.host.element_size()
         self.stream = torch.cuda.Stream(like.device) if like.is_cuda else None
+        self._copied: "torch.cuda.Event | None" = None  # after the last copy out of the host buffer
 
     def to_host(self, t: torch.Tensor, ready: "torch.cuda.Event | None" = None) -> torch.Tensor:
         """The host copy of t, complete on return. The copy starts after `ready` (an event
@@ -140,12 +151,21 @@ class Stager:
             self.stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(self.stream):
             self.host.copy_(t.reshape(-1), non_blocking=True)
-        self.stream.synchronize()  # MPI reads the host buffer next
+        self.stream.synchronize()  # MPI reads the host buffer next (waits for this stream only)
+        return self.host
+
+    def writable(self) -> torch.Tensor:
+        """The host buffer, once no queued copy reads it any more (for MPI to receive into)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
         return self.host
 
     def to_device(self, t: torch.Tensor) -> None:
-        """t := the host copy, after the kernels queued on t so far (no write under a
-        pending read); later kernels of this thread's current stream see the new values."""
+        """t := the host copy, queued (not waited for) after the kernels queued so far on
+        this thread's current stream (no write under a pending read); that stream's later
+        kernels see the new values. The host buffer is busy until the copy has run:
+        to_host queues behind it, `writable` waits for it."""
         if self.stream is None:
             t.reshape(-1).copy_(self.host)
             return
@@ -153,22 +173,57 @@ class Stager:
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             t.reshape(-1).copy_(self.host, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(self.stream)
         current.wait_stream(self.stream)
-        self.stream.synchronize()  # the host buffer may be overwritten by the next call
 
 
-_STAGERS: dict = {}
+# Host bytes the cached stagers hold together at most (least recently used dropped first):
+# a job reuses a few shapes every step, while a broadcast of every parameter must not pin
+# the model's size in host memory for good.
+STAGER_CACHE_BYTES = 256 << 20
+_STAGERS: "collections.OrderedDict" = collections.OrderedDict()
+_STAGERS_BYTES = 0
 _STAGERS_LOCK = threading.Lock()
 
 
-def stager_for(t: torch.Tensor) -> Stager:
-    """A cached Stager for tensors like t (device, dtype, size): pinned memory is costly
-    to allocate, and a job reduces the same shapes every step."""
-    key = (t.device, t.dtype, t.numel())
+def stager_for(t: torch.Tensor, slot: int = 0) -> Stager:
+    """A Stager for tensors like t (device, dtype, size), cached per thread and `slot` (two
+    buffers of one call need two slots): pinned memory is costly to allocate, and a job
+    moves the same shapes every step. The cache keeps at most STAGER_CACHE_BYTES; a larger
+    stager is made for the call and dropped after it."""
+    global _STAGERS_BYTES
+    key = (threading.get_ident(), slot, t.device, t.dtype, t.numel())
     with _STAGERS_LOCK:
-        if key not in _STAGERS:
-            _STAGERS[key] = Stager(t)
-        return _STAGERS[key]
+        st = _STAGERS.pop(key, None)
+        if st is None:
+            st = Stager(t)
+            if st.nbytes > STAGER_CACHE_BYTES:
+                return st
+            _STAGERS_BYTES += st.nbytes
+        _STAGERS[key] = st  # the most recently used last
+        while _STAGERS_BYTES > STAGER_CACHE_BYTES:
+            _STAGERS_BYTES -= _STAGERS.popitem(last=False)[1].nbytes
+        return st
+
+
+# an unsigned/signed integer word for each element size: any dtype moves bit for bit,
+# counted in elements instead of bytes (complex128 as two int64)
+_WORDS = {1: (torch.uint8, MPI.UINT8_T), 2: (torch.int16, MPI.INT16_T), 4: (torch.int32, MPI.INT32_T),
+          8: (torch.int64, MPI.INT64_T)}
+
+
+def _words(t: torch.Tensor):
+    """(flat view of contiguous t as integer words, their MPI datatype)."""
+    dtype, datatype = _WORDS[min(8, t.element_size())]
+    return t.reshape(-1).view(dtype), datatype
+
+
+def iallreduce_(comm: MPI.Intracomm, t: torch.Tensor) -> list:
+    """Collective: nonblocking in-place SUM of a contiguous CPU tensor of a native dtype;
+    the requests to wait for (one per MAX_COUNT elements)."""
+    flat, datatype = t.reshape(-1).numpy(), mpi_dtype(t)
+    return [comm.Iallreduce(MPI.IN_PLACE, [flat[lo:hi], datatype], op=MPI.SUM) for lo, hi in counts.chunks(len(flat))]
 
 
 def allreduce_(comm: MPI.Intracomm, t: torch.Tensor, *, direct: bool = False, stager: Stager | None = None,
@@ -179,14 +234,9 @@ def allreduce_(comm: MPI.Intracomm, t: torch.Tensor, *, direct: bool = False, st
     with `direct` (the job's agreed path, World.direct_cuda), else through a pinned host
     buffer (`stager`, default a cached one). `ready`: an event after which t is complete
     (default: everything queued on this thread's current stream). `via`: an object whose
-    `allreduce_(buf)` does the sum instead of comm.Allreduce (e.g. a NodeHierarchy).
+    `allreduce_(buf)` does the sum instead of comm.Allreduce (e.g. a NodeHierarchy); it
+    gets pieces of at most counts.MAX_COUNT elements, like MPI.
     """
-    def reduce(buf):
-        if via is not None:
-            via.allreduce_(buf)
-        else:
-            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-
     if not t.is_contiguous():
         raise ValueError("allreduce_ needs a contiguous tensor")
     if count:
@@ -196,58 +246,78 @@ def allreduce_(comm: MPI.Intracomm, t: torch.Tensor, *, direct: bool = False, st
             ready.synchronize()
         else:
             torch.cuda.current_stream(t.device).synchronize()
-        reduce(device_buffer(t))
+        counts.allreduce_chunks(comm, t.reshape(-1), mpi_dtype(t), MPI.SUM, via)
         return t
     if t.is_cuda or t.dtype in VIA_FLOAT32:  # through a host (float32) mirror
         st = stager or stager_for(t)
-        reduce(host_buffer(st.to_host(t, ready)))
+        host = st.to_host(t, ready)
+        counts.allreduce_chunks(comm, host.numpy(), mpi_dtype(host), MPI.SUM, via)
         st.to_device(t)
         return t
-    reduce(host_buffer(t))
+    counts.allreduce_chunks(comm, t.reshape(-1).numpy(), mpi_dtype(t), MPI.SUM, via)
     return t
 
 
-def _bytes_on_host(t: torch.Tensor) -> torch.Tensor:
-    """t's bytes as a contiguous uint8 CPU tensor (a view where t is already one)."""
-    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+def _exchange(comm: MPI.Intracomm, collective, t: torch.Tensor, row: int, direct: bool) -> torch.Tensor:
+    """collective (Allgather or Alltoall) of contiguous t, `row` elements of it per rank,
+    into a new flat tensor of ranks * row elements on t's device: device buffers where
+    `direct`, pinned host buffers for other CUDA tensors."""
+    send, datatype = _words(t)
+    row *= t.element_size() // send.element_size()  # in words
+    TRAFFIC.add(t.numel() * t.element_size())
+    recv = torch.empty(comm.Get_size() * row, dtype=send.dtype, device=t.device)
+    if t.is_cuda and direct:
+        torch.cuda.current_stream(t.device).synchronize()
+        counts.by_rows(collective, send, recv, datatype, row)
+    elif t.is_cuda:
+        out = stager_for(recv, slot=1)
+        counts.by_rows(collective, stager_for(send).to_host(send).numpy(), out.writable().numpy(), datatype, row)
+        out.to_device(recv)
+    else:
+        counts.by_rows(collective, send.numpy(), recv.numpy(), datatype, row)
+    return recv.view(t.dtype)
 
 
-def allgather(comm: MPI.Intracomm, t: torch.Tensor) -> torch.Tensor:
-    """Collective: every rank's t (same shape and dtype everywhere, any dtype: moved as
-    bytes), stacked to (ranks, *t.shape) on t's device."""
-    send = _bytes_on_host(t)
-    TRAFFIC.add(send.numel())
-    recv = torch.empty(comm.Get_size() * send.numel(), dtype=torch.uint8)
-    comm.Allgather(host_buffer(send), host_buffer(recv))
-    return recv.view(t.dtype).reshape(comm.Get_size(), *t.shape).to(t.device)
+def allgather(comm: MPI.Intracomm, t: torch.Tensor, *, direct: bool = False) -> torch.Tensor:
+    """Collective: every rank's t (same shape and dtype everywhere, any dtype: moved bit
+    for bit), stacked to (ranks, *t.shape) on t's device. CUDA tensors as allreduce_
+    (device buffers only on the agreed `direct` path, else pinned host buffers)."""
+    t = t.detach().contiguous()
+    return _exchange(comm, comm.Allgather, t, t.numel(), direct).reshape(comm.Get_size(), *t.shape)
 
 
-def alltoall(comm: MPI.Intracomm, t: torch.Tensor) -> torch.Tensor:
+def alltoall(comm: MPI.Intracomm, t: torch.Tensor, *, direct: bool = False) -> torch.Tensor:
     """Collective: t of shape (ranks, ...) sends row j to rank j; returns (ranks, ...)
-    whose row i came from rank i (bytes, any dtype; on t's device)."""
-    send = _bytes_on_host(t)
-    TRAFFIC.add(send.numel())
-    recv = torch.empty_like(send)
-    comm.Alltoall(host_buffer(send), host_buffer(recv))
-    return recv.view(t.dtype).reshape(t.shape).to(t.device)
+    whose row i came from rank i (any dtype, bit for bit; on t's device, CUDA tensors as
+    allgather)."""
+    size = comm.Get_size()
+    if t.dim() == 0 or t.shape[0] != size:
+        raise ValueError(f"alltoall needs a tensor of shape (ranks={size}, ...), not {tuple(t.shape)}")
+    t = t.detach().contiguous()
+    return _exchange(comm, comm.Alltoall, t, t.numel() // size, direct).reshape(t.shape)
 
 
 def bcast_(comm: MPI.Intracomm, t: torch.Tensor, root: int = 0, *, direct: bool = False) -> torch.Tensor:
-    """Collective: in-place broadcast of a contiguous tensor from `root` (bytes, so any
-    dtype); CUDA tensors as allreduce_ (direct only on the agreed path, else staged)."""
+    """Collective: in-place broadcast of a contiguous tensor from `root` (any dtype, bit for
+    bit); CUDA tensors as allreduce_ (direct only on the agreed path, else staged)."""
+    if not t.is_contiguous():
+        raise ValueError("bcast_ needs a contiguous tensor")
     if comm.Get_rank() == root:
         TRAFFIC.add(t.numel() * t.element_size())
-    flat = t.reshape(-1).view(torch.uint8)
+    words, datatype = _words(t)
+    st = None
     if t.is_cuda and direct:
         torch.cuda.current_stream(t.device).synchronize()
-        comm.Bcast(device_buffer(flat), root=root)
-        return t
-    if t.is_cuda:
-        st = stager_for(flat)
-        comm.Bcast(host_buffer(st.to_host(flat)), root=root)
-        st.to_device(flat)
-        return t
-    comm.Bcast(host_buffer(flat), root=root)
+        mem = words
+    elif t.is_cuda:
+        st = stager_for(words)
+        mem = (st.to_host(words) if comm.Get_rank() == root else st.writable()).numpy()
+    else:
+        mem = words.numpy()
+    for lo, hi in counts.chunks(len(mem)):
+        comm.Bcast([mem[lo:hi], datatype], root=root)
+    if st is not None:
+        st.to_device(words)
     return t
 
 

@@ -10,7 +10,8 @@ collectives in the same order even if hooks fire in a different order.
 Overlap modes (chosen by `mpitrain bench step`, see README; `resolve_overlap` is the one
 place that turns "auto" into a mode):
 - "thread": a communication thread runs a blocking Allreduce per bucket on its own
-  communicator (mpi4py releases the GIL in MPI calls). Measured fastest: Open MPI makes
+  communicator (mpi4py releases the GIL in MPI calls) and, for CUDA buckets, its own
+  stream: it waits for each bucket's event, never for the training thread's stream. Measured fastest: Open MPI makes
   no background progress on Iallreduce while Python computes.
 - "nonblocking": Iallreduce per bucket from the hook, Waitall at the end.
 - "none": all buckets reduced after backward (the naive baseline, same arithmetic).
@@ -238,7 +239,7 @@ class GradBuckets:
         elif self.overlap == "nonblocking":  # through host mirrors for CUDA and half types
             st = self.stagers[b]
             host = st.to_host(self.buffers[b], self._events[b]) if st is not None else self.buffers[b]
-            self._reqs.append(self.comm.Iallreduce(MPI.IN_PLACE, buffers.host_buffer(host), op=MPI.SUM))
+            self._reqs.extend(buffers.iallreduce_(self.comm, host))
 
     def _reduce_blocking(self, b: int):
         flat = self.buffers[b]
@@ -271,6 +272,10 @@ class GradBuckets:
     def _comm_loop(self):
         if self.is_cuda:  # Open MPI wants the device selected before CUDA-using calls (ompi#627)
             torch.cuda.set_device(self.buffers[0].device)
+            # this thread's kernels and waits go on a stream of its own: the default stream
+            # holds the training thread's backward, which the reductions must not wait for
+            self._comm_stream = torch.cuda.Stream(self.buffers[0].device)
+            torch.cuda.set_stream(self._comm_stream)
         while True:
             b = self._work.get()
             if b is None:

@@ -37,11 +37,30 @@ from mpi4py import MPI
 
 from ..errors import AgreedError
 
+from . import counts
 from .buffers import TRAFFIC
 from .shards import shard_bounds
 
 F32 = MPI.FLOAT
 I64 = MPI.INT64_T
+
+
+# float32 transfers at element `disp` of owner's window, in pieces of at most
+# counts.MAX_COUNT elements (MPI counts are C ints; a shard may hold more)
+def _get(win, out: np.ndarray, owner: int, disp: int = 0) -> None:
+    for lo, hi in counts.chunks(len(out)):
+        win.Get([out[lo:hi], F32], owner, target=(disp + lo, hi - lo, F32))
+
+
+def _put(win, data: np.ndarray, owner: int, disp: int = 0) -> None:
+    for lo, hi in counts.chunks(len(data)):
+        win.Put([data[lo:hi], F32], owner, target=(disp + lo, hi - lo, F32))
+
+
+def _accumulate(win, data: np.ndarray, owner: int, disp: int = 0) -> None:
+    """Element-wise atomic SUM, as one Accumulate (pieces do not change that)."""
+    for lo, hi in counts.chunks(len(data)):
+        win.Accumulate([data[lo:hi], F32], owner, target=(disp + lo, hi - lo, F32), op=MPI.SUM)
 
 
 class ProgressThread:
@@ -152,7 +171,7 @@ class ShardedVector:
         self.win_params.Lock(owner, MPI.LOCK_SHARED)
         try:
             version = self.read_ctl(owner, version_index) if version_index is not None else None
-            self.win_params.Get([out, F32], owner, target=(disp, len(out), F32))
+            _get(self.win_params, out, owner, disp)
             TRAFFIC.add(out.nbytes)
         finally:
             self.win_params.Unlock(owner)
@@ -162,7 +181,7 @@ class ShardedVector:
         """Write the whole vector (initialisation; caller guarantees no concurrent use)."""
         for _, owner, a, b in self.shards():
             self.win_params.Lock(owner, MPI.LOCK_EXCLUSIVE)
-            self.win_params.Put([np.ascontiguousarray(values[a:b]), F32], owner, target=(0, b - a, F32))
+            _put(self.win_params, np.ascontiguousarray(values[a:b]), owner)
             self.win_params.Unlock(owner)
             TRAFFIC.add(4 * (b - a))
 
@@ -170,7 +189,7 @@ class ShardedVector:
         """params[disp:disp+len(delta)] += delta on owner, atomically w.r.t. readers
         (exclusive lock: MPI makes Accumulate atomic only against other accumulates)."""
         self.win_params.Lock(owner, MPI.LOCK_EXCLUSIVE)
-        self.win_params.Accumulate([delta, F32], owner, target=(disp, len(delta), F32), op=MPI.SUM)
+        _accumulate(self.win_params, delta, owner, disp)
         self.win_params.Unlock(owner)
         TRAFFIC.add(delta.nbytes)
 
@@ -183,7 +202,7 @@ class ShardedVector:
             m = b - a
             buf = np.empty(self.state_slots * m + 1, np.float32)
             self.win_state.Lock(owner, MPI.LOCK_SHARED)
-            self.win_state.Get([buf, F32], owner, target=(0, len(buf), F32))
+            _get(self.win_state, buf, owner)
             self.win_state.Unlock(owner)
             TRAFFIC.add(buf.nbytes)
             state[:, a:b] = buf[:-1].reshape(self.state_slots, m)
@@ -200,14 +219,14 @@ class ShardedVector:
                 buf[:-1] = state[:, a:b].reshape(-1)
             buf[-1] = step
             self.win_state.Lock(owner, MPI.LOCK_EXCLUSIVE)
-            self.win_state.Put([buf, F32], owner, target=(0, len(buf), F32))
+            _put(self.win_state, buf, owner)
             self.win_state.Unlock(owner)
             TRAFFIC.add(buf.nbytes)
 
     def accumulate(self, owner: int, slot: int, m: int, delta: np.ndarray):
         """Add delta (a whole shard) into accumulator `slot` of owner and wait until it landed."""
         self.win_accum.Lock(owner, MPI.LOCK_SHARED)
-        self.win_accum.Accumulate([delta, F32], owner, target=(slot * m, m, F32), op=MPI.SUM)
+        _accumulate(self.win_accum, delta, owner, slot * m)
         self.win_accum.Unlock(owner)  # unlock = remote completion
         TRAFFIC.add(delta.nbytes)
 
@@ -247,20 +266,20 @@ class ShardedVector:
         self.win_params.Lock(owner, MPI.LOCK_EXCLUSIVE)
         self.win_state.Lock(owner, MPI.LOCK_EXCLUSIVE)
         try:
-            self.win_params.Get([params, F32], owner, target=(0, m, F32))
-            self.win_state.Get([state, F32], owner, target=(0, len(state), F32))
+            _get(self.win_params, params, owner)
+            _get(self.win_state, state, owner)
             if accum is not None:
                 self.win_accum.Lock(owner, MPI.LOCK_EXCLUSIVE)
-                self.win_accum.Get([accum, F32], owner, target=(accum_slot * m, m, F32))
+                _get(self.win_accum, accum, owner, accum_slot * m)
                 self.win_accum.Flush(owner)
             self.win_params.Flush(owner)
             self.win_state.Flush(owner)
             fn(params, state, accum)
-            self.win_params.Put([params, F32], owner, target=(0, m, F32))
-            self.win_state.Put([state, F32], owner, target=(0, len(state), F32))
+            _put(self.win_params, params, owner)
+            _put(self.win_state, state, owner)
             if accum is not None:
                 accum[:] = 0
-                self.win_accum.Put([accum, F32], owner, target=(accum_slot * m, m, F32))
+                _put(self.win_accum, accum, owner, accum_slot * m)
                 self.win_accum.Unlock(owner)
                 accum = None
             self.win_params.Flush(owner)

@@ -12,6 +12,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..errors import AgreedError, UserError
+from . import counts
 from .shards import shard_bounds
 
 
@@ -144,13 +145,13 @@ class World:
         """Collective: every rank's tensor t (same shape everywhere), as (ranks, *t.shape)."""
         from . import buffers
 
-        return buffers.allgather(self.comm, t)
+        return buffers.allgather(self.comm, t, direct=self.direct_cuda)
 
     def alltoall_tensor(self, t):
         """Collective: t (ranks, ...): row j goes to rank j; row i of the result came from rank i."""
         from . import buffers
 
-        return buffers.alltoall(self.comm, t)
+        return buffers.alltoall(self.comm, t, direct=self.direct_cuda)
 
     def broadcast_module(self, model) -> None:
         """Collective: every rank gets rank 0's parameters and buffers."""
@@ -168,11 +169,7 @@ class World:
     # -- small collectives on Python values (not counted as traffic) -------------------------
     def sum(self, x):
         """Collective: element-wise sum over ranks of a number or numpy array."""
-        if isinstance(x, np.ndarray):
-            out = np.array(x, dtype=np.float64)
-            self.comm.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
-            return out
-        return self.comm.allreduce(x, op=MPI.SUM)
+        return self._reduce(x, MPI.SUM)
 
     def max(self, x):
         """Collective: the largest value over ranks (element-wise for a numpy array)."""
@@ -185,7 +182,7 @@ class World:
     def _reduce(self, x, op):
         if isinstance(x, np.ndarray):
             out = np.array(x, dtype=np.float64)
-            self.comm.Allreduce(MPI.IN_PLACE, out, op=op)
+            counts.allreduce_chunks(self.comm, out.reshape(-1), MPI.DOUBLE, op)
             return out
         return self.comm.allreduce(x, op=op)
 
