@@ -26,6 +26,10 @@ last of `accumulate` micro-batches. Any registered strategy works; its options a
 arguments (validated like the `[sync.<strategy>]` table of a job file). `save` and
 `restore` are the command line's checkpoints: a checkpoint of your loop resumes under
 `mpitrain train` and the other way round.
+
+On GPUs, `init()` makes each rank's own GPU (local rank % GPUs on the node) its current
+CUDA device, so `model.to("cuda")` and `Loader(..., device="cuda")` mean that rank's GPU,
+and `distribute` uses the CUDA path the job agreed on (World.select_device).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from . import state
 from .comm import World
 from .config import OptimCfg, TrainCfg
 from .data.loader import Loader  # noqa: F401  (mpitrain.Loader)
-from .errors import UserError
+from .errors import AgreedError, UserError
 from .faults import Watchdog, env_timeout, watchdog
 from .options import build
 from .precision import Precision
@@ -51,12 +55,40 @@ _WORLD: World | None = None
 _DISTRIBUTED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models with a live distribution
 
 
-def init() -> World:
-    """Collective (the first time): the job's World (every rank of COMM_WORLD)."""
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def init(device: str = "auto") -> World:
+    """Collective (the first time): the job's World (every rank of COMM_WORLD), its device
+    chosen as `mpitrain train` chooses it (World.select_device; `device` as train.device):
+    on a GPU node each rank's own GPU (local rank % GPUs) becomes its current CUDA device,
+    so `model.to("cuda")` lands there, and the job agrees on the CUDA path (MPI gets device
+    buffers only if every rank's library is CUDA-aware, else pinned-host staging)."""
     global _WORLD
+    if device not in DEVICES:
+        raise UserError(f"mpitrain.init(device={device!r}): expected one of {', '.join(DEVICES)}")
     if _WORLD is None:
-        _WORLD = World.create()
+        world = World.create()
+        world.select_device(device)
+        _WORLD = world
     return _WORLD
+
+
+def _select_device(world: World, device: torch.device) -> None:
+    """Collective: select the model's kind of device on every rank (World.select_device:
+    this rank's GPU current, the CUDA path agreed); a model on one kind of device on some
+    ranks and another elsewhere, or on another rank's GPU, is one agreed error."""
+    kinds = world.allgather(device.type)
+    if len(set(kinds)) > 1:
+        where = ", ".join(f"rank {r}: {k}" for r, k in enumerate(kinds[:8]))
+        raise AgreedError(f"distribute(): the model must be on one kind of device on every rank ({where})")
+    mine = world.select_device("cuda" if device.type == "cuda" else "cpu")
+
+    def check():
+        if device.type == "cuda" and device != mine:
+            raise UserError(f"distribute(): the model is on {device} but this rank's GPU is {mine} (local rank "
+                            f"{world.local_rank}): call mpitrain.init() before moving it, then model.to('cuda')")
+    world.agree(check)
 
 
 class DistributedOptimizer:
@@ -190,6 +222,7 @@ def distribute(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strateg
     if model in _DISTRIBUTED:
         raise UserError("distribute(): this model is distributed already (with another optimizer): close() that "
                         "optimizer first, or distribute the model once")
+    _select_device(world, device)  # collective: this rank's GPU, the agreed CUDA path
     resources = contextlib.ExitStack()
     dog = watchdog()
     if dog is None and t.watchdog_s > 0:  # none runs (the command line starts one): watch this loop

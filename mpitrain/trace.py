@@ -4,17 +4,25 @@ communication thread. Spans: data, forward, backward, reduce (the strategy after
 backward), optimizer, wait (the per-step agreement), evaluation, checkpoint, and each
 gradient bucket's reduction from launch to completion. Rank 0 merges every rank's events
 into RUN_DIR/trace.json. No MPI here; off, every call is a no-op.
+
+The spans are host time. On a CPU that is the work itself; where the process drives a GPU
+they time kernel launches, not GPU work (backward's span ends when its kernels are queued),
+so the trace says so (`otherData.clock = "launch"`) and `hidden_fraction` does not claim
+to know how much communication ran hidden behind backward there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 from pathlib import Path
 import time
 
 _CURRENT: "Tracer | None" = None
+CLOCK_NOTE = ("on CUDA the spans time kernel launches, not GPU work: how much communication ran hidden "
+              "behind backward is not measured")
 
 
 class Tracer:
@@ -30,6 +38,13 @@ class Tracer:
 
     def now(self) -> int:
         return time.perf_counter_ns()
+
+    @staticmethod
+    def clock() -> str:
+        """What the spans measure: "host" (the work, on CPUs) or "launch" (this process has
+        used CUDA: kernel launches, not GPU work)."""
+        torch = sys.modules.get("torch")
+        return "launch" if torch is not None and torch.cuda.is_initialized() else "host"
 
     def add(self, name: str, begin_ns: int, end_ns: int, track: str = "main", **args) -> None:
         ev = {"name": name, "ph": "X", "pid": self.rank, "tid": track, "ts": (begin_ns - self._t0) / 1e3,
@@ -80,8 +95,9 @@ def tracing(tracer: Tracer | None):
         _CURRENT = previous
 
 
-def merge(gathered: list[list[dict]]) -> dict:
-    """Every rank's events as one trace, with track names."""
+def merge(gathered: list[list[dict]], clock: str = "host") -> dict:
+    """Every rank's events as one trace, with track names and what the times measure
+    (`clock`: "host" or "launch", see Tracer.clock)."""
     events = []
     for rank, evs in enumerate(gathered):
         events.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
@@ -89,12 +105,22 @@ def merge(gathered: list[list[dict]]) -> dict:
             events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid,
                            "args": {"name": "communication thread" if tid == "comm" else "training"}})
         events.extend(evs)
-    return {"traceEvents": events, "displayTimeUnit": "ms"}
+    other = {"clock": clock} if clock == "host" else {"clock": clock, "note": CLOCK_NOTE}
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}
+
+
+def overlap_note(trace: dict) -> str | None:
+    """Why the trace's overlap of communication with backward is not measured (None: it is)."""
+    other = trace.get("otherData") or {}
+    return None if other.get("clock", "host") == "host" else other.get("note", CLOCK_NOTE)
 
 
 def hidden_fraction(trace: dict) -> float | None:
     """The share of bucket-reduction time that ran while the same rank was in backward
-    (communication hidden behind computation), over all ranks; None without reductions."""
+    (communication hidden behind computation), over all ranks; None without reductions,
+    and None where the spans are launch times (a CUDA run: overlap_note says why)."""
+    if overlap_note(trace) is not None:
+        return None
     total = hidden = 0.0
     by_rank: dict = {}
     for e in trace.get("traceEvents", []):
@@ -119,14 +145,17 @@ def write(path, trace: dict) -> None:
 
 def save(world, tracer: Tracer, path, log) -> None:
     """Collective: rank 0 merges every rank's events into `path` (RUN_DIR/trace.json)."""
-    gathered = world.gather(tracer.events)
+    gathered = world.gather((tracer.clock(), tracer.events))
 
     def write_merged():
+        clocks = {c for c, _ in gathered}
+        clock = "host" if clocks == {"host"} else "launch"
         try:
-            write(path, merge(gathered))
+            write(path, merge([evs for _, evs in gathered], clock))
         except OSError as e:
             from .errors import UserError
 
             raise UserError(f"{path}: cannot write the trace: {e.strerror or e}") from None
-        log.info(f"timeline of {len(gathered)} ranks in {path} (open it in https://ui.perfetto.dev)")
+        log.info(f"timeline of {len(gathered)} ranks in {path} (open it in https://ui.perfetto.dev)"
+                 + ("" if clock == "host" else f"; {CLOCK_NOTE}"))
     world.on_root(write_merged)

@@ -38,9 +38,28 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def world():
+    """The job's World, its device selected as `mpitrain train` selects it: on a GPU node
+    this rank's GPU is the current CUDA device and the CUDA path is agreed (direct where
+    every rank's MPI is CUDA-aware, e.g. MPITRAIN_CUDA_AWARE=1; else staged)."""
     from mpitrain.comm import World
 
-    return World.create()
+    w = World.create()
+    w.select_device("auto")
+    _AGREED_PATH[id(w)] = w.direct_cuda
+    return w
+
+
+_AGREED_PATH: dict[int, bool] = {}
+
+
+@pytest.fixture(autouse=True)
+def _agreed_cuda_path(request):
+    """Every test that uses `world` starts on the session's agreed CUDA path (a cuda_path
+    probe or a test of the agreement itself changes world.direct_cuda for the rest)."""
+    if "world" in request.fixturenames:
+        w = request.getfixturevalue("world")
+        w.direct_cuda = _AGREED_PATH[id(w)]
+    yield
 
 
 @pytest.fixture

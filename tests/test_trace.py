@@ -60,3 +60,31 @@ def test_tensorboard_event_files(world, shared_tmp, digits_h5, make_cfg):
         assert {"train_loss", "test_acc", "samples_per_s", "comm_bytes_per_step"} <= set(acc.Tags()["scalars"])
         got = [(e.step, e.value) for e in acc.Scalars("test_acc")]
         assert got == [(r["step"], pytest.approx(r["test_acc"])) for r in rows]
+
+
+def test_launch_time_spans_claim_no_overlap(world, shared_tmp, monkeypatch):
+    """Where a rank drives a GPU the spans time kernel launches: the merged trace says so
+    and no share of hidden communication is computed from it; on CPUs nothing changes."""
+    import torch
+
+    assert trace.Tracer.clock() == ("launch" if torch.cuda.is_initialized() else "host")
+    ev = [[{"ph": "X", "pid": 0, "tid": "main", "name": "backward", "ts": 0, "dur": 10},
+           {"ph": "X", "pid": 0, "tid": "comm", "name": "bucket", "ts": 5, "dur": 10}]]
+    host = trace.merge(ev)
+    assert host["otherData"] == {"clock": "host"} and trace.overlap_note(host) is None
+    assert trace.hidden_fraction(host) == 0.5
+    launch = trace.merge(ev, "launch")
+    assert trace.hidden_fraction(launch) is None and "kernel launches" in trace.overlap_note(launch)
+    # one rank on a GPU is enough for the whole trace to say so
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: world.rank == world.size - 1)
+    t = trace.Tracer(world.rank)
+    t.start()
+    with t.span("backward"):
+        pass
+    t.add("bucket", t.now(), t.now(), "comm", bucket=0, bytes=4)
+    path = shared_tmp / "trace.json"
+    trace.save(world, t, path, world.logger())
+    got = json.loads(path.read_text())
+    assert got["otherData"]["clock"] == "launch" and trace.hidden_fraction(got) is None
+    assert {e["pid"] for e in got["traceEvents"] if e["ph"] == "X"} == set(range(world.size))
+    world.barrier()  # every rank read the file before the fixture removes it

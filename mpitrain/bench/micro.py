@@ -39,11 +39,6 @@ def step(args, world, log) -> None:
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     n_params = sum(p.numel() for p in base.parameters())
     header(world, "step", threads)
-    if world.is_root:
-        print(f"# on {device} ({'CUDA ' + ('direct' if world.direct_cuda else 'staged') + ', ' if device.type == 'cuda' else ''}"
-              f"MLP {args.features}-{'-'.join(map(str, hidden))}-10: {n_params:,} params "
-              f"({n_params * 4 / 2**20:.1f} MB of fp32 grads), batch {args.batch}/rank, "
-              f"{args.steps} steps x {args.repeats} rounds, buckets {args.bucket_mb} MB")
 
     def fresh():
         m = _mlp(args.features, hidden)
@@ -62,11 +57,15 @@ def step(args, world, log) -> None:
         opt.step()
     variants.append(Variant("compute only (no comm)", m, local))
 
+    path = None  # the CUDA path: the first buckets choose it as training does (cuda_path auto), the rest take it
     for overlap in ("thread", "nonblocking", "none"):
         m, opt = fresh()
         world.broadcast_module(m)
         bk = GradBuckets(m.parameters(), world, bucket_bytes=int(args.bucket_mb * 2**20),
-                         first_bucket_bytes=2**20, overlap=overlap, average=False)
+                         first_bucket_bytes=2**20, overlap=overlap, average=False, cuda_path=path or "auto",
+                         log=log if path is None else None)
+        if device.type == "cuda" and path is None:
+            path = "direct" if bk.direct else "staged"
 
         def mp(m=m, opt=opt, bk=bk):  # as in training: the loss is pre-scaled, the SUM is the mean
             bk.zero_()
@@ -102,6 +101,11 @@ def step(args, world, log) -> None:
             opt.step()
         variants.append(Variant("torch DDP (gloo)", ddp, ddp_step))
 
+    if world.is_root:  # after the probe: the path every variant takes
+        print(f"# on {device} ({_cuda_path(path) + ', ' if device.type == 'cuda' else ''}"
+              f"MLP {args.features}-{'-'.join(map(str, hidden))}-10: {n_params:,} params "
+              f"({n_params * 4 / 2**20:.1f} MB of fp32 grads), batch {args.batch}/rank, "
+              f"{args.steps} steps x {args.repeats} rounds, buckets {args.bucket_mb} MB)")
     timed = time_rounds(variants, args, world, set())
     rounds = {v.label: [ms for ms, _ in timed[id(v)]] for v in variants}
     ms = {k: statistics.median(v) for k, v in rounds.items()}
@@ -132,8 +136,11 @@ def allreduce(args, world, log) -> None:
     device = world.select_device(args.device)
     header(world, "allreduce", threads)
     overlap = resolve_overlap(args.overlap, world.cores_per_rank(), device.type == "cuda", world.thread_multiple)
+    # one CUDA path for raw, bucketed and hierarchical: the agreed one (MPITRAIN_CUDA_AWARE=0/1 picks it);
+    # no per-size probe switches the others' path behind the header's back
+    path = "direct" if world.direct_cuda else "staged"
     if world.is_root:
-        print(f"# on {device}{' (CUDA ' + ('direct' if world.direct_cuda else 'staged') + ')' if device.type == 'cuda' else ''}"
+        print(f"# on {device}{' (' + _cuda_path(path) + ')' if device.type == 'cuda' else ''}"
               f"; bucketed path: {args.bucket_mb} MB buckets (first 1 MB), overlap '{overlap}', "
               f"8 tensors per message size; median of 3 x {args.iters} iterations, slowest rank")
     n = world.size
@@ -149,7 +156,7 @@ def allreduce(args, world, log) -> None:
         # the bucketed path on 8 "parameters" of the same total size
         pieces = [nn.Parameter(torch.zeros(c, device=device)) for c in _split(count, 8)]
         bk = GradBuckets(pieces, world, bucket_bytes=int(args.bucket_mb * 2**20),
-                         first_bucket_bytes=2**20, overlap=overlap, average=False)
+                         first_bucket_bytes=2**20, overlap=overlap, average=False, cuda_path=path)
 
         def raw():
             world.allreduce_(buf)
@@ -182,6 +189,11 @@ def allreduce(args, world, log) -> None:
                   f"{t['bucketed'] * 1e3:10.3f} {alg['bucketed']:10.3f} {bus['bucketed']:10.3f} "
                   f"{alg['bucketed'] / alg['raw']:8.2f} {t['hier'] * 1e3:9.3f} {t['raw'] / t['hier']:9.2f}")
     hier.free()
+
+
+def _cuda_path(path: str) -> str:
+    """The header's words for the CUDA path the variants took."""
+    return f"CUDA {path}" + (" (overlap 'nonblocking' stages always)" if path == "direct" else "")
 
 
 def _split(n: int, k: int) -> list[int]:

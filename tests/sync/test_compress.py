@@ -393,3 +393,65 @@ def test_training_with_compression(world, run_digits):
         assert row["comm_bytes_per_step"] <= exact["comm_bytes_per_step"] * bound, (name, row, exact)
     fp32, bf16 = rows["powersgd"]["comm_bytes_per_step"], rows["powersgd-bf16"]["comm_bytes_per_step"]
     assert bf16 < fp32 if world.size > 1 else bf16 <= fp32, (bf16, fp32)  # one rank: (2 + 2/1) bytes per value
+
+
+# -- sign: bits packed on the gradient's device, in np.packbits's format ------------------
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+def test_sign_bits_are_numpys_packbits(n):
+    from mpitrain.sync.compress.sign import pack_bits, unpack_bits
+
+    flags = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5
+    packed = pack_bits(flags)
+    assert packed.dtype == torch.uint8 and np.array_equal(packed.numpy(), np.packbits(flags.numpy()))
+    assert np.array_equal(unpack_bits(packed, n).numpy(), np.unpackbits(packed.numpy(), count=n))
+    assert torch.equal(unpack_bits(packed, n).bool(), flags)
+
+
+def _sign_on_the_host(c, buf):
+    """sign's reduce_ as it was (bits to the host, packed and unpacked in numpy): the reference."""
+    acc = buf + c.residual
+    scale = acc.abs().mean()
+    positive = acc >= 0
+    c.residual.copy_(acc - torch.where(positive, scale, -scale))
+    bits = torch.from_numpy(np.packbits(positive.cpu().numpy()))
+    all_bits = c.world.allgather_tensor(bits).cpu().numpy()
+    scales = c.world.allgather_tensor(scale.reshape(1).float()).reshape(-1).tolist()
+    buf.fill_(-sum(scales))
+    for s, row in zip(scales, all_bits):
+        b = torch.from_numpy(np.unpackbits(row, count=buf.numel())).to(buf.device, buf.dtype)
+        buf.add_(b, alpha=2 * s)
+
+
+def test_sign_reduces_bitwise_as_the_host_decode(world):
+    """The device-side bits change nothing: every step's sum and residual are bitwise the
+    numpy version's, also after a rollback to the committed residual."""
+    layout, grad = bucket(world, seed=5)
+    ours, ref = make(world, "sign", layout, grad), make(world, "sign", layout, grad)
+    ours.commit()
+    kept = ref.residual.clone()
+    for step in range(4):
+        g = grad * (1 + step) + 0.25 * step
+        a, b = g.clone(), g.clone()
+        ours.reduce_(a, step)
+        _sign_on_the_host(ref, b)
+        assert torch.equal(a, b) and torch.equal(ours.residual, ref.residual), step
+        if step == 1:  # a skipped step: both go back to the committed residual
+            ours.rollback()
+            ref.residual.copy_(kept)
+        else:
+            ours.commit()
+            kept = ref.residual.clone()
+
+
+def test_sign_packs_with_torch_not_numpy(world, monkeypatch):
+    """The bits are made and read by torch ops on the gradient's device (a CUDA gradient's
+    bits never go through numpy; checked on CPU by taking numpy's bit functions away)."""
+    def no(*args, **kwargs):
+        raise AssertionError("sign packed or unpacked bits in numpy")
+    monkeypatch.setattr(np, "packbits", no)
+    monkeypatch.setattr(np, "unpackbits", no)
+    layout, grad = bucket(world, seed=6)
+    g = grad.clone()
+    make(world, "sign", layout, grad).reduce_(g, 0)
+    assert torch.isfinite(g).all()
