@@ -315,9 +315,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]  # by step: ckpt-1000000000 after ckpt-999999999
 
 
-def prune(run_dir: Path, keep: int) -> None:
+def step_of(path: Path) -> int:
+    """The step in a checkpoint's name (ckpt-<step>.h5)."""
+    return int(NAME.match(path.name).group(1))
+
+
+def prune(run_dir: Path, keep: int, protect=()) -> None:
+    """Remove all but the newest `keep` checkpoints and those in `protect`, and leftover
+    temporaries."""
     for p in list_checkpoints(run_dir)[keep:]:
-        p.unlink(missing_ok=True)
+        if p not in protect:
+            p.unlink(missing_ok=True)
     for p in run_dir.glob("ckpt-*.h5.tmp"):
         p.unlink(missing_ok=True)
 

@@ -5,6 +5,11 @@ SIGTERM, SIGUSR1 (what Slurm sends with --signal before a time limit or preempti
 SIGINT only set a flag; every rank checks it at each step boundary with one tiny
 allreduce, so all ranks agree to stop after the same step, write a checkpoint and exit
 with EXIT_STOPPED, which a batch script can turn into a requeue.
+
+Open MPI's mpiexec (4.x, ORTE) does not pass SIGINT on: for a SIGINT (Ctrl-C) or a SIGTERM
+it receives, every rank gets SIGTERM, and SIGKILL odls_base_sigkill_timeout (1) s later
+(measured with 4.1.4); it forwards SIGUSR1 as it is. The ranks run in their own process
+groups, so a terminal's Ctrl-C reaches only mpiexec. `signal_name` says so in the log.
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ class Diverged(UserError):
         self.agreed = agreed
         super().__init__(f"{what} (exit {EXIT_DIVERGED}); the newest checkpoint holds the last good state. "
                          "Lower optim.lr, check the data for NaN/inf, or set train.on_nonfinite = 'skip'")
+
+
+def signal_name(signum: int) -> str:
+    """The stop signal as the ranks received it, for the log; SIGTERM under Open MPI's
+    mpiexec (ORTE sets OMPI_MCA_orte_hnp_uri) says that it may stand for a SIGINT."""
+    name = signal.Signals(signum).name
+    if signum == signal.SIGTERM and "OMPI_MCA_orte_hnp_uri" in os.environ:
+        name += " (Open MPI's mpiexec sends SIGTERM to every rank for a SIGINT/Ctrl-C or SIGTERM it receives)"
+    return name
 
 
 class StopFlag:

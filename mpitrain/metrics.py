@@ -14,14 +14,10 @@ class MetricsLog:
     """Appends one JSON line per epoch. A failed write (full disk, read-only file) leaves
     no torn line behind and becomes one UserError naming the file."""
 
-    def __init__(self, path: Path | None, tensorboard: Path | None = None):
+    def __init__(self, path: Path | None, board=None):
         self.path = path
         self.rows: list[dict] = []
-        self.board = None
-        if tensorboard is not None:  # output.tensorboard: the same rows as scalars, by step
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(tensorboard))
+        self.board = board  # output.tensorboard: the same rows as scalars, by step (open_tensorboard)
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
@@ -69,13 +65,28 @@ def trim(path: Path, step: int, epochs: int | None = None) -> int:
     return torn
 
 
-def check_tensorboard() -> None:
-    """output.tensorboard needs the tensorboard package: one line if it is missing."""
+def open_tensorboard(path: Path | None):
+    """output.tensorboard: a SummaryWriter writing event files to `path` (rank 0; None
+    elsewhere, where only the package is checked). One line if the tensorboard package is
+    missing or `path` cannot be made a folder to write in (a file in its place, no
+    permission): the job was asked for these files, so it stops at start-up rather than
+    train for hours without them."""
     try:
         import tensorboard  # noqa: F401
     except ImportError:
         raise UserError("output.tensorboard = true needs the tensorboard package "
                         "(pip install 'mpitrain[tensorboard]'; scripts/setup.sh installs it)") from None
+    if path is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    try:
+        path.mkdir(exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+        return SummaryWriter(str(path))
+    except OSError as e:
+        raise UserError(f"output.tensorboard: cannot write event files to {path}: {e.strerror or e}") from None
 
 
 def reset(path: Path, pos, train_cfg, log) -> None:

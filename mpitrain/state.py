@@ -24,19 +24,26 @@ from ._version import __version__
 from .errors import AgreedError, UserError
 from .faults import Diverged
 from .models import BUILTIN
-from .sync.base import RankStateful, Stateful
+from .sync.base import RankStateful, Sharded, Stateful
 from .sync.helpers import average_buffers
 
 
 @dataclass(frozen=True)
 class Position:
     """Where training stands: after `step` steps, in `epoch`, `samples_in_epoch` global
-    samples into it; `restored` is the checkpoint tree it was restored from, if any."""
+    samples into it; `restored` is the checkpoint tree it was restored from, if any;
+    `last_counted` the last step whose update was applied (None: `step`; earlier where
+    the steps since were all skipped, train.on_nonfinite = "skip")."""
 
     step: int = 0
     epoch: int = 0
     samples_in_epoch: int = 0
     restored: dict | None = None
+    last_counted: int | None = None
+
+    @property
+    def counted(self) -> int:
+        return self.step if self.last_counted is None else self.last_counted
 
 
 def consistency_check(job) -> None:
@@ -144,11 +151,12 @@ def consolidated(step):
 def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -> str:
     """Collective: write a checkpoint of `step`'s components (a step.Step) at `pos` to
     `path` (rank 0 writes; then, with keep > 0, all but the newest `keep` checkpoints in
-    its folder are removed); returns the path. `meta` adds to the file's /meta (e.g. the
-    config and the model's id). A failure (e.g. disk full) leaves the previous checkpoints
-    untouched and is raised as one AgreedError on every rank. Writing never changes
-    training: where replicas differ, every rank's own state is saved before consolidation
-    and put back afterwards."""
+    its folder are removed, except this one and the last written after a counted step:
+    `rotate`); returns the path. `meta` adds to the file's /meta (e.g. the config and the
+    model's id); /meta's last_counted_step is `pos.counted`. A failure (e.g. disk full)
+    leaves the previous checkpoints untouched and is raised as one AgreedError on every
+    rank. Writing never changes training: where replicas differ, every rank's own state is
+    saved before consolidation and put back afterwards."""
     world, strategy, model = step.world, step.strategy, step.model
     average_buffers(model, world)  # e.g. BatchNorm statistics: the same on every rank
     own = {"rng": _rng(step.precision.device)}
@@ -158,6 +166,8 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
         if replica is not None:
             own["replica"] = replica
         shared = _strategy_state(strategy)
+        # a sharded optimizer (zero): its state assembled on rank 0 in the unsharded layout
+        sharded = strategy.optim_state(step.optimizer) if isinstance(strategy, Sharded) else None
         every = world.gather(own)
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if not world.bcast(finite):
@@ -165,14 +175,14 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
         err = None
         if world.is_root:
             tree = {"position": {"step": pos.step, "epoch": pos.epoch, "samples_in_epoch": pos.samples_in_epoch},
-                    "model": model_state(model), "optim": optim_state(step.optimizer), "strategy": shared,
-                    "precision": step.precision.state_dict(), "ranks": {str(r): t for r, t in enumerate(every)}}
+                    "model": model_state(model), "optim": sharded if sharded is not None else optim_state(step.optimizer),
+                    "strategy": shared, "precision": step.precision.state_dict(), "ranks": {str(r): t for r, t in enumerate(every)}}
             head = {"world_size": world.size, "strategy": strategy.name, "model": "", "config": "",
-                    "replicas_differ": bool(strategy.replicas_differ)} | meta
+                    "replicas_differ": bool(strategy.replicas_differ), "last_counted_step": pos.counted} | meta
             try:
                 secs = checkpoint.write(path, tree, head)
                 if keep:
-                    checkpoint.prune(path.parent, keep)
+                    rotate(path, pos, keep, log)
                 if log is not None:
                     log.info(f"checkpoint {path.name} at step {pos.step} ({path.stat().st_size / 1e6:.1f} MB, "
                              f"{secs:.2f} s)")
@@ -182,6 +192,21 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
                        + (f"previous checkpoint {prev[0].name} intact" if prev else "no earlier checkpoint"))
         world.raise_any(world.bcast(err))
     return str(path)
+
+
+def rotate(path: Path, pos: Position, keep: int, log=None) -> None:
+    """Rank 0, after writing `path` at `pos`: remove all but the newest `keep` checkpoints
+    in its folder, never `path` itself, nor the last checkpoint written after a counted
+    step: the oldest one at or after step `pos.counted` (the steps since were all skipped,
+    so every later checkpoint holds the same parameters, further into a run that only
+    skips; that one is where to go back to, e.g. with a lower optim.lr)."""
+    found = checkpoint.list_checkpoints(path.parent)
+    since = [p for p in found if pos.counted <= checkpoint.step_of(p) <= pos.step]
+    protect = {path} | ({since[-1]} if since else set())
+    checkpoint.prune(path.parent, keep, protect)
+    if since and since[-1] not in found[:keep] and since[-1] != path and log is not None:
+        log.info(f"keeping {since[-1].name} beyond output.keep = {keep}: the last checkpoint written after a "
+                 f"counted step (step {pos.counted}; every step since was skipped)")
 
 
 def _load_replica(step, replica: dict) -> None:
@@ -253,13 +278,15 @@ def restore(step, tree: dict, *, model_id: str = "", schedule=None, log=None) ->
         raise UserError(f"checkpoint from another model: it was trained with {theirs!r}, this job "
                         f"builds {model_id!r} (model.factory / model.name)")
     own = _own_replica(tree, world)
-    load_model(step.model, own["model"] if own else tree["model"], theirs or "a model")
-    optim = own["optim"] if own else tree["optim"]
-    if optim.get("state") or optim.get("param_groups"):
-        changed = load_optimizer(step.optimizer, optim)
-        if changed and root:
-            log.info("optimizer settings from the job, not the checkpoint: "
-                     + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    optim, changed = own["optim"] if own else tree["optim"], {}
+    # a sharded optimizer (zero) takes the whole state and keeps this rank's chunks of it
+    with step.strategy.unsharded(step.optimizer) if isinstance(step.strategy, Sharded) else contextlib.nullcontext():
+        load_model(step.model, own["model"] if own else tree["model"], theirs or "a model")
+        if optim.get("state") or optim.get("param_groups"):
+            changed = load_optimizer(step.optimizer, optim)
+    if changed and root:
+        log.info("optimizer settings from the job, not the checkpoint: "
+                 + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     pos = tree["position"]
     if schedule is not None:  # the LR schedule is a closed form of the step (LambdaLR): jump to it in O(1)
         schedule.last_epoch = pos["step"] - 1
@@ -273,7 +300,10 @@ def restore(step, tree: dict, *, model_id: str = "", schedule=None, log=None) ->
     if meta.get("replicas_differ") and own is None and root:
         log.info(f"checkpoint written at {meta['world_size']} ranks, resuming at {world.size}: every rank "
                  "starts from the consolidated model and optimizer state")
-    return Position(pos["step"], pos["epoch"], pos["samples_in_epoch"], tree)
+    counted = meta.get("last_counted_step")  # absent (older checkpoints) or out of range: the step
+    if not isinstance(counted, int) or isinstance(counted, bool) or not 0 <= counted <= pos["step"]:
+        counted = None
+    return Position(pos["step"], pos["epoch"], pos["samples_in_epoch"], tree, counted)
 
 
 def restore_strategy(step, tree: dict, log=None) -> None:

@@ -65,6 +65,59 @@ def build_loss(name: str, task: str = "classify", job_dir: str = ""):
     return user_loss
 
 
+def check_model_and_loss(model, loss_fn, split, meta, device, factory: str, loss_name: str) -> None:
+    """One forward of this rank's first (up to 2) training samples and the loss on it, as
+    training will run them: the output must fit the data's task (classify: (B, >=
+    num_classes) scores; lm: (B, L, >= vocab_size); regress: B x num_outputs values) and
+    depend on the parameters, and the loss must be a scalar with a gradient to them (one
+    small backward, through torch.autograd.grad: no .grad is touched).
+    UserError naming the model factory or the loss otherwise. Runs in eval mode (no
+    BatchNorm statistics change, no dropout); the same check on every rank."""
+    n = len(split.x) if hasattr(split, "x") else (len(split.tokens) - 1) // split.seq_len
+    if n <= 0:  # this rank holds no sample (the others check)
+        return
+    x, y = to_device(split.take(split.offset + np.arange(min(2, n))), device)
+    b, was, where = len(y), model.training, f"model {factory!r}"
+    model.eval()
+    try:
+        with torch.enable_grad():
+            try:
+                out = model(x)
+            except Exception as e:  # noqa: BLE001 - the user's forward: one line with its message
+                raise UserError(f"{where} fails on a batch of inputs of shape {tuple(x.shape)} "
+                                f"({type(e).__name__}: {str(e)[:300]})") from None
+            if not torch.is_tensor(out):
+                raise UserError(f"{where} returns {type(out).__name__} from forward, expected a tensor")
+            shape, want = tuple(out.shape), None
+            if meta.task == "classify" and (out.ndim != 2 or shape[0] != b or shape[1] < meta.num_classes):
+                want = f"({b}, {meta.num_classes}) class scores (num_classes = {meta.num_classes} from the data)"
+            elif meta.task == "lm" and (shape[:-1] != tuple(y.shape) or shape[-1] < meta.vocab_size):
+                want = f"{(*y.shape, meta.vocab_size)} token scores (vocab_size = {meta.vocab_size} from the data)"
+            elif meta.task == "regress" and (out.ndim == 0 or shape[0] != b or out.numel() != y.numel()):
+                want = f"{tuple(y.shape)} values (num_outputs = {meta.num_outputs} from the data)"
+            if want is not None:
+                raise UserError(f"{where} returns outputs of shape {shape} for a batch of {b} samples; "
+                                f"expected {want}")
+            if out.grad_fn is None:
+                raise UserError(f"{where} returns outputs without a gradient (no grad_fn: detached, or computed "
+                                "under torch.no_grad): training would not change its parameters")
+            try:
+                loss = loss_fn(out, y)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"train.loss = {loss_name!r} fails on outputs of shape {shape} and targets of "
+                                f"shape {tuple(y.shape)} ({type(e).__name__}: {str(e)[:300]})") from None
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not torch.is_tensor(loss) or loss.ndim != 0 or not loss.requires_grad or all(
+                    g is None for g in torch.autograd.grad(loss, params, allow_unused=True)):
+                raise UserError(f"train.loss = {loss_name!r} returns a loss without a gradient to the model's "
+                                "parameters (detached, .item(), numpy, or computed under torch.no_grad): "
+                                "training would not change the model")
+    finally:
+        model.train(was)
+
+
 class Metric:
     """The task's test metric, independent of the training loss: `batch(out, y)` is a sum
     over the batch's samples; `row(sum / count)` the metrics row entry."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,15 @@ from .config import Config
 from .data import hdf5
 from .data.sampler import DistributedSampler, DynamicSampler
 from .errors import UserError
-from .faults import Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, stop_flag, watchdog
-from .metrics import MetricsLog, check_tensorboard, reset as reset_metrics
+from .faults import (Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, signal_name,
+                     stop_flag, watchdog)
+from .metrics import MetricsLog, open_tensorboard, reset as reset_metrics
 from .models import build_model, build_optimizer, build_schedule, model_id
 from .precision import Precision
 from .data.loader import to_device
 from .step import Step, micro_batches
 from .sync.helpers import average_buffers
-from .tasks import Metric, build_loss, evaluate
+from .tasks import Metric, build_loss, check_model_and_loss, evaluate
 
 
 def configure_threads(threads: int, world) -> int:
@@ -79,6 +79,7 @@ class Job:
     strategy: sync.Strategy
     precision: Precision
     step: Step  # the training step: the components above, put together
+    metrics: MetricsLog  # rank 0 writes metrics.jsonl (and TensorBoard event files)
 
 
 def build(cfg: Config, world, log, resources) -> Job:
@@ -86,12 +87,18 @@ def build(cfg: Config, world, log, resources) -> Job:
     threads = configure_threads(cfg.train.threads, world)
     device = world.select_device(cfg.train.device)  # collective: one kind of device, one CUDA path
     run_dir = prepare_run_dir(cfg, world)
-    if cfg.output.tensorboard:
-        world.agree(check_tensorboard)
+    board = world.agree(open_tensorboard, run_dir / "tensorboard" if world.is_root else None) \
+        if cfg.output.tensorboard else None
+    if board is not None:
+        resources.callback(board.close)
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if world.is_root else None, board)
     train_split, test_split, meta = hdf5.load(cfg.data, world)
     torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
     model = world.agree(build_model, cfg.model, meta, cfg.job_dir).to(device)
     loss = world.agree(build_loss, cfg.train.loss, meta.task, cfg.job_dir)
+    # every rank: one forward of its first samples (eval mode: no statistics change) and the
+    # loss on it, so a wrong output shape or a detached loss is one line, not a traceback
+    world.agree(check_model_and_loss, model, loss, train_split, meta, device, model_id(cfg.model), cfg.train.loss)
     optimizer = world.agree(build_optimizer, cfg.optim, model.parameters(), world.size)
     t = cfg.train
     if cfg.data.assign == "dynamic":
@@ -113,7 +120,7 @@ def build(cfg: Config, world, log, resources) -> Job:
                 on_nonfinite=t.on_nonfinite, max_skipped=t.max_skipped, lockstep=sampler.lockstep, schedule=schedule, loss_fn=loss,
                 straggle=straggle, dog=watchdog(), log=log)
     return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, Metric(meta.task),
-               optimizer, sampler, schedule, strategy, precision, step)
+               optimizer, sampler, schedule, strategy, precision, step, metrics)
 
 
 def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
@@ -182,9 +189,9 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
     state.consistency_check(job)
     announce(job)
     tracer = trace.current()
-    metrics = MetricsLog(job.run_dir / "metrics.jsonl" if world.is_root else None,
-                         job.run_dir / "tensorboard" if world.is_root and cfg.output.tensorboard else None)
+    metrics = job.metrics
     t_start, step, here, row = time.perf_counter(), pos.step, pos, {}
+    counted_at = pos.counted  # the last step whose update was applied (checkpoint rotation keeps its checkpoint)
     max_steps = cfg.train.max_steps or float("inf")
     every = cfg.output.checkpoint_every or float("inf")
     for epoch in range(pos.epoch, cfg.train.epochs):
@@ -200,14 +207,15 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
             skipped += out.skipped
             counted += 0 if out.skipped else out.samples  # the samples train_loss averages over
             loss_sum, local, done, step = loss_sum + out.loss, local + out.samples, done + count, step + 1
-            here = state.Position(step, epoch, done)
+            counted_at = counted_at if out.skipped else step
+            here = state.Position(step, epoch, done, last_counted=counted_at)
             if out.signum or (sampler.lockstep and step % every == 0):  # every rank is at this step
                 write_checkpoint(job, here, out.signum)
             if step >= max_steps:
                 break
         train_time = time.perf_counter() - t_epoch
         if step < max_steps or done >= job.train_split.total:  # a max_steps stop at the epoch's end: the next
-            here = state.Position(step, epoch + 1, 0)            # epoch's start (its row is written below)
+            here = state.Position(step, epoch + 1, 0, last_counted=counted_at)  # epoch's start (its row below)
         if not sampler.lockstep:  # ranks ran different step counts: agree on a stop signal now
             if signum := stop.agreed(world):
                 write_checkpoint(job, here, signum)
@@ -248,7 +256,7 @@ def write_checkpoint(job: Job, here: state.Position, signum: int) -> None:
     with watchdog().phase("checkpoint"), trace.current().span("checkpoint"):
         path = save(job, here)
     if signum:
-        raise Stopped(signal.Signals(signum).name, here.step, path)
+        raise Stopped(signal_name(signum), here.step, path)
 
 
 def save(job: Job, here: state.Position) -> str:

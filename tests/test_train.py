@@ -84,15 +84,15 @@ def test_allreduce_traffic_is_one_gradient_per_step(world, shared_tmp, digits_h5
     assert row["comm_bytes_per_step"] == 4 * n_params, (row, n_params)
 
 
-def _digits_with_nan(world, path, digits_h5, samples):
-    """A copy of digits with a NaN pixel in the training samples `samples` (an index)."""
+def _digits_with_nan(world, path, digits_h5, samples, where="train"):
+    """A copy of digits with a NaN pixel in the `where` samples `samples` (an index)."""
     import h5py
 
     if world.is_root:
         with h5py.File(digits_h5, "r") as src, h5py.File(path, "w") as dst:
             for split in ("train", "test"):
                 x = src[f"{split}/x"][:]
-                if split == "train":
+                if split == where:
                     x[samples, 0, 0] = np.nan
                 dst[f"{split}/x"], dst[f"{split}/y"] = x, src[f"{split}/y"][:]
     world.barrier()
@@ -159,6 +159,81 @@ def test_skipping_forever_stops_and_logs_no_train_loss(world, shared_tmp, digits
     assert e.value.agreed and e.value.exit_code == 4
     row, _ = train(cfg("never", max_skipped=0), world, world.logger())
     assert row["skipped_steps"] == 8 and row["train_loss"] is None, row
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_checkpoints_after_skipped_steps_never_rotate_out_the_last_counted_one(world, shared_tmp, digits_h5,
+                                                                                make_cfg, keep):
+    """Every step after step 3 has a NaN (skipped, train.on_nonfinite = "skip"): however
+    many checkpoints follow, output.keep never removes ckpt-4, the last one written after a
+    counted step (step 3), also not after a resume (last_counted_step is in /meta)."""
+    from mpitrain import checkpoint
+
+    per_step = 4 * world.size  # unshuffled global batches: step k holds samples [(k-1) per_step, k per_step)
+    data = _digits_with_nan(world, shared_tmp / "late.h5", digits_h5, slice(3 * per_step, None))
+    run = shared_tmp / "run"
+
+    def cfg(max_steps, resume):
+        return make_cfg(run, data, data={"check_finite": False, "shuffle": "none", "mode": "replicated"},
+                        model={"name": "mlp", "hidden": [16]}, output={"checkpoint_every": 2, "keep": keep},
+                        train={"batch_size": 4, "epochs": 1, "max_steps": max_steps, "on_nonfinite": "skip",
+                               "max_skipped": 0, "resume": resume})
+    row, _ = train(cfg(8, "never"), world, world.logger())
+    assert row["skipped_steps"] == 5 and row["train_loss"] is not None, row
+    names = world.bcast([p.name for p in checkpoint.list_checkpoints(run)] if world.is_root else None)
+    assert names == ["ckpt-000000008.h5", "ckpt-000000006.h5"][:keep] + ["ckpt-000000004.h5"], names
+    train(cfg(12, "auto"), world, world.logger())  # resumed at step 8: steps 9..12 skipped too
+    names = world.bcast([p.name for p in checkpoint.list_checkpoints(run)] if world.is_root else None)
+    assert names == ["ckpt-000000012.h5", "ckpt-000000010.h5"][:keep] + ["ckpt-000000004.h5"], names
+    counted = [checkpoint.read(run / n)["meta"]["last_counted_step"] for n in names]
+    assert counted == [3] * len(names), counted
+
+
+def test_non_finite_test_loss_is_a_divergence(world, shared_tmp, digits_h5, make_cfg):
+    """A NaN in the test split: exit 4 with on_nonfinite = "stop", training goes on with "skip"."""
+    from mpitrain.faults import Diverged
+
+    data = _digits_with_nan(world, shared_tmp / "badtest.h5", digits_h5, 7, where="test")
+
+    def cfg(run, how):
+        return make_cfg(shared_tmp / run, data, data={"check_finite": False, "mode": "replicated"},
+                        model={"name": "mlp", "hidden": [16]},
+                        train={"batch_size": 8, "epochs": 1, "max_steps": 3, "on_nonfinite": how})
+    with pytest.raises(Diverged, match=r"non-finite test loss after epoch 1 \(step 3\): stopped") as e:
+        train(cfg("stop", "stop"), world, world.logger())
+    assert e.value.agreed and e.value.exit_code == 4 and "\n" not in str(e.value)
+    row, _ = train(cfg("skip", "skip"), world, world.logger())
+    assert row["step"] == 3 and not np.isfinite(row["test_loss"]) and np.isfinite(row["train_loss"]), row
+
+
+def test_a_planted_trace_json_symlink_is_not_followed(world, shared_tmp, digits_h5, make_cfg):
+    run, target = shared_tmp / "run", shared_tmp / "target"
+    if world.is_root:
+        run.mkdir()
+        target.write_text("precious")
+        (run / "trace.json").symlink_to(target)
+    world.barrier()
+    train(make_cfg(run, digits_h5, train={"max_steps": 2, "trace": True}), world, world.logger())
+    ok = world.bcast(target.read_text() == "precious" and not (run / "trace.json").is_symlink()
+                     and "traceEvents" in (run / "trace.json").read_text() if world.is_root else None)
+    assert ok
+
+
+def test_an_unusable_tensorboard_folder_is_one_line(world, shared_tmp, digits_h5, make_cfg):
+    """output.tensorboard with a file where RUN_DIR/tensorboard should be: one line on every
+    rank at start-up (the job was asked for the event files), not a traceback on rank 0."""
+    pytest.importorskip("tensorboard")
+    from mpitrain.errors import AgreedError
+
+    run = shared_tmp / "run"
+    if world.is_root:
+        run.mkdir()
+        (run / "tensorboard").write_text("not a folder")
+    world.barrier()
+    with pytest.raises(AgreedError, match="output.tensorboard: cannot write event files to .*tensorboard: File "
+                                          "exists") as e:
+        train(make_cfg(run, digits_h5, train={"max_steps": 2}, output={"tensorboard": True}), world, world.logger())
+    assert "\n" not in str(e.value)
 
 
 def test_run_folder_writes_never_follow_planted_symlinks(world, shared_tmp, digits_h5, make_cfg):

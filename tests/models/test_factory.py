@@ -38,6 +38,29 @@ def broken(input_shape, num_classes):
 def not_a_module(input_shape, num_classes):
     return 42
 
+def narrow(input_shape, num_classes):
+    return tiny(input_shape, num_classes - 1)
+
+def one_score(input_shape, num_classes):
+    return nn.Sequential(tiny(input_shape, 1), nn.Flatten(0))  # (B,): one score per sample
+
+def frozen_output(input_shape, num_classes):
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny(input_shape, num_classes)
+
+        def forward(self, x):
+            with torch.no_grad():
+                return self.net(x)
+    return Frozen()
+
+def detached_ce(output, target):
+    return nn.functional.cross_entropy(output, target).detach()
+
+def item_ce(output, target):
+    return torch.tensor(nn.functional.cross_entropy(output, target).item(), requires_grad=True)
+
 CONSTANT = 3
 '''
 
@@ -105,6 +128,26 @@ def test_bad_factories_are_one_line(job_dir, factory, args, message):
     with pytest.raises(UserError) as e:
         build_model(ModelCfg(factory=factory, args=args), Meta((8, 8), 10), job_dir)
     assert message in str(e.value) and "model." in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("model, loss, message", [
+    ("usermodels_t:narrow", "auto", "model 'usermodels_t:narrow' returns outputs of shape (2, 9) for a batch of 2 "
+                                    "samples; expected (2, 10) class scores (num_classes = 10 from the data)"),
+    ("usermodels_t:one_score", "auto", "model 'usermodels_t:one_score' returns outputs of shape (2,) for a batch"),
+    ("usermodels_t:frozen_output", "auto", "model 'usermodels_t:frozen_output' returns outputs without a gradient"),
+    ("usermodels_t:tiny", "usermodels_t:detached_ce", "train.loss = 'usermodels_t:detached_ce' returns a loss "
+                                                      "without a gradient"),
+    ("usermodels_t:tiny", "usermodels_t:item_ce", "train.loss = 'usermodels_t:item_ce' returns a loss without"),
+])
+def test_outputs_that_do_not_fit_the_data_and_detached_losses_are_one_line(world, shared_tmp, digits_h5, make_cfg,
+                                                                          job_dir, model, loss, message):
+    """Checked on every rank's first samples before training: one line naming the factory
+    or the loss on every rank (the first forward would raise out of cross_entropy or
+    backward, a traceback, on some ranks only; a leaf loss would silently train nothing)."""
+    with pytest.raises(AgreedError) as e:
+        _run(make_cfg, job_dir, shared_tmp / "x", digits_h5, world, model={"factory": model},
+             train={"batch_size": 8, "max_steps": 2, "epochs": 1, "loss": loss})
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_bad_losses(job_dir):
