@@ -5,6 +5,8 @@ against a baseline measured in the same run (never a timed assertion).
                   DDP), allreduce (algbw / busbw, flat vs hierarchical), straggler
     e2e.py        a job's own training step vs one process and torch DDP
     model.py      the fitted cost model's predictions against measured step times
+    memory.py     bytes of parameters, gradients, optimizer state and peak RSS per rank:
+                  allreduce vs zero stage 1 and 2, next to the formulas
     costmodel.py  the alpha-beta cost model (no MPI)
     timing.py     what they share: variants, interleaved rounds, the header, the gloo group
 """
@@ -43,5 +45,12 @@ def e2e(args, world, log) -> None:
 def model(args, world, log) -> None:
     """Collective: the fitted cost model's predictions against measured step times."""
     from .model import run
+
+    run(args, world, log)
+
+
+def memory(args, world, log) -> None:
+    """Collective: per-rank memory of allreduce, zero-1 and zero-2 next to the formulas."""
+    from .memory import run
 
     run(args, world, log)
