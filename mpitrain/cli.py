@@ -119,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--repeats", type=int, default=3)
     bm.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     bm.add_argument("--big-params", type=int, default=100_000_000, help="model size for the extrapolation")
+    bmem = bs.add_parser("memory", help="bytes of parameters, gradients, optimizer state and peak RSS per rank: "
+                                        "allreduce vs zero stage 1 and 2, next to the formulas")
+    bmem.add_argument("--job", default="jobs/shakespeare.toml")
+    bmem.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    bmem.add_argument("--steps", type=int, default=3, help="steps per variant before counting")
+    bmem.add_argument("--variants", default="", help="comma-separated subset of allreduce, zero-1, zero-2")
     bg = bs.add_parser("straggler", help="one slow rank: throughput and time to accuracy per strategy")
     bg.add_argument("--spec", default="jobs/straggler-digits.toml",
                     help="comparison file: base job, target, [[run]] tables (the first is the baseline)")

@@ -127,11 +127,11 @@ def _report(got: dict, n: int) -> None:
                "zero-2": (4 * psi, 4 * psi / n, k * psi / n)}
     print(f"# {psi:,} parameters, {n} ranks, optimizer {k:.0f} bytes/parameter (measured under allreduce); "
           "MB per rank, the largest over ranks; formula in ()")
-    print(f"{'variant':<10} {'params':>16} {'grads':>16} {'optimizer':>16} {'peak RSS':>9} {'optim vs allreduce':>19}")
+    print(f"{'variant':<10} {'params':>18} {'grads':>18} {'optimizer':>18} {'peak RSS':>9} {'optim vs allreduce':>19}")
     base = got.get("allreduce", {}).get("optim")
     for name, g in got.items():
         f = formula[name]
         ratio = f"{g['optim'] / base:.3f}" if base else "-"
-        print(f"{name:<10} " + " ".join(f"{g[key] * mb:>7.1f} ({fv * mb:>6.1f})"
+        print(f"{name:<10} " + " ".join(f"{f'{g[key] * mb:.3f} ({fv * mb:.3f})':>18}"
                                         for key, fv in zip(("params", "grads", "optim"), f))
               + f" {g['peak'] * mb:>9.1f} {ratio:>19}")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from ..comm import buffers
+from ..comm import buffers, counts
 from ..comm.collectives import resolve_overlap
 from ..options import opt
 from .base import register
@@ -186,6 +186,10 @@ class ZeroStrategy:
             return ("sync.zero.offload = true moves the optimizer to host memory for GPU runs; this run's "
                     "parameters are in host memory already (set it to false, or train.device = 'cuda')")
         n = sum(p.numel() for p in params)
+        big = max((p.numel() for p in params), default=0)
+        if max(big, self.options.bucket_mb * 2**20 / 4) > counts.MAX_COUNT:
+            return (f"sync.strategy = 'zero': buckets of more than {counts.MAX_COUNT:,} values (a parameter of "
+                    f"{big:,}, or sync.zero.bucket_mb = {self.options.bucket_mb:g}) exceed one MPI call's count")
         if n < self.world.size:
             return f"sync.strategy = 'zero': {n} trainable values cannot be sharded over {self.world.size} ranks"
         return None

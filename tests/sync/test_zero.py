@@ -200,3 +200,23 @@ def test_offload_equals_allreduce_and_is_refused_on_cpu(world, monkeypatch):
         assert all(p.untyped_storage().data_ptr() not in flat for g in opt.param_groups for p in g["params"])
     for kw in ({"optim": "adam"}, {"optim": "sgd", "clip": 0.05}):
         np.testing.assert_allclose(run(world, offload, hook=separate, **kw), run(world, PLAIN, **kw), rtol=1e-5, atol=1e-7)
+
+
+def test_bench_memory_prints_the_formulas(world, digits_h5, repo_root, capsys):
+    """`mpitrain bench memory`: measured optimizer bytes equal the formula (1/N under zero)."""
+    import argparse
+    import sys
+
+    from mpitrain import bench
+
+    args = argparse.Namespace(job=str(repo_root / "jobs" / "digits.toml"), steps=1, variants="",
+                              overrides=[f"data.path={str(digits_h5)!r}", "optim.name=adam"])
+    bench.memory(args, world, world.logger())  # (the function: its module shares the name)
+    memory = sys.modules["mpitrain.bench.memory"]
+    out = capsys.readouterr().out
+    rows = world.bcast({ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split()[:1] and
+                        ln.split()[0] in memory.VARIANTS} if world.is_root else None)
+    assert set(rows) == set(memory.VARIANTS), rows
+    for name, cells in rows.items():  # "optim (formula)": measured within a bucket's rounding of it
+        measured, formula = float(cells[5]), float(cells[6].strip("()"))
+        assert formula > 0 and abs(measured - formula) <= 0.002 + 0.02 * formula, (name, cells)
