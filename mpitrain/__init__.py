@@ -14,6 +14,10 @@ def __getattr__(name):  # lazy: `import mpitrain` stays cheap and does not initi
         from .comm import World
 
         return World
+    if name == "pipeline":
+        from .parallel.pipeline import pipeline
+
+        return pipeline
     if name in ("init", "distribute", "Loader", "save", "restore", "DistributedOptimizer"):
         from . import api
 

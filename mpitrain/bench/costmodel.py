@@ -75,7 +75,7 @@ def comm_seconds(strategy: str, model: Model, t: Transport, n: int, *, period: i
     (allreduce), what its `wire` declares instead of the dense allreduce."""
     if wire is not None:
         return wire_seconds(wire, t, n)
-    if strategy == "allreduce":
+    if strategy in ("allreduce", "zero"):  # zero: a reduce-scatter and an allgather, the ring's two halves
         return t.allreduce(model.nbytes, n)
     if strategy in ("local_sgd", "bmuf", "easgd"):
         return t.allreduce(model.nbytes, n) / period

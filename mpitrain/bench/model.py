@@ -38,6 +38,8 @@ def _variants() -> dict:
             sets = [f"sync.allreduce.compress.{k}={json.dumps(v)}" for k, v in options.items()]
             out[f"allreduce {label}"] = (["sync.strategy=allreduce", f"sync.allreduce.compress.kind={kind}", *sets],
                                          "allreduce", {})
+    for stage in (1, 2):
+        out[f"zero-{stage}"] = (["sync.strategy=zero", f"sync.zero.stage={stage}"], "zero", {})
     out["local_sgd H=4"] = (["sync.strategy=local_sgd", "sync.local_sgd.period=4"], "local_sgd", {"period": 4})
     return out
 
