@@ -93,6 +93,41 @@ class GPT(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
+    def pipeline_blocks(self) -> list[nn.Module]:
+        return pipeline_blocks(self)
+
+
+class Embed(nn.Module):
+    """The GPT's first pipeline block: token + position embeddings (B, T) -> (B, T, C)."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.block_size, self.wte, self.wpe, self.drop = gpt.block_size, gpt.wte, gpt.wpe, gpt.drop
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.block_size:
+            raise ValueError(f"sequence length {t} > block_size {self.block_size}")
+        return self.drop(self.wte(idx.long()) + self.wpe(torch.arange(t, device=idx.device)))
+
+
+class Head(nn.Module):
+    """The GPT's last pipeline block: final LayerNorm and the (tied) head -> logits."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.ln_f, self.lm_head = gpt.ln_f, gpt.lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(x))
+
+
+def pipeline_blocks(model: GPT) -> list[nn.Module]:
+    """The GPT as a sequence of blocks sharing its parameters: [Embed, Block x n_layer,
+    Head]; the head's weight is the embedding's (tied: split over two stages, each holds
+    a copy and their gradients are summed)."""
+    return [Embed(model), *model.blocks, Head(model)]
+
 
 def _positive_int(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -1,0 +1,1 @@
+"""Model parallelism: pipeline stages (pipeline.py, schedules in schedule.py)."""
