@@ -28,6 +28,7 @@ allreduce, and the other way round; rank 0 assembles it bucket by bucket (Gather
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import queue
 import threading
@@ -40,6 +41,8 @@ from mpi4py import MPI
 from ..comm import buffers, counts
 from ..comm.collectives import resolve_overlap
 from ..options import opt
+from .compress.base import payload_opt
+from .compress.half import HALF, chunk_counts, half_reduce_scatter
 from .base import register
 
 # torch optimizers whose update of a value depends only on that value's own gradient and
@@ -57,15 +60,16 @@ class Options:
     overlap: str = opt("auto", choices=("auto", "thread", "none"),
                        help="thread: each bucket's reduce-scatter on a comm thread during backward; auto: "
                             "thread when each rank has >= 2 cores or a GPU, else none")
+    payload: str = payload_opt("the gradients' reduce-scatter (parameters are gathered in float32)")
     offload: bool = opt(False, help="ZeRO-Offload (GPU runs): this rank's optimizer chunks, their state and "
                                     "update in host memory; the gradient chunk arrives there, the parameter "
                                     "chunk goes back to the GPU before the allgather")
 
 
 def chunks(n: int, size: int) -> tuple[list[int], list[int]]:
-    """(counts, displacements) of `size` contiguous chunks of n values, the first n % size
-    one value longer."""
-    counts = [n // size + (r < n % size) for r in range(size)]
+    """(counts, displacements) of `size` contiguous chunks of n values: ceil(n / size)
+    each, the last ones short or empty (the layout of a half-payload reduce-scatter)."""
+    counts = chunk_counts(n, size)
     return counts, [sum(counts[:r]) for r in range(size)]
 
 
@@ -135,6 +139,7 @@ class ZeroStrategy:
         world.raise_any(self._unfit(model, optimizer))  # decided before the first collective of its own
         world.broadcast_module(model)
         self.comm = world.comm.Dup()
+        self._world = dataclasses.replace(world, comm=self.comm)  # (the half payload's collectives)
         resources.callback(self.close)
         self.groups = [list(g["params"]) for g in optimizer.param_groups]
         limit = o.bucket_mb * 2**20
@@ -346,8 +351,13 @@ class ZeroStrategy:
             bk.shard.grad = torch.zeros_like(bk.shard)
         out = bk.shard.grad
         recv = torch.empty(bk.hi - bk.lo, dtype=host.dtype) if out.is_cuda else out
-        buffers.TRAFFIC.add(host.numel() * host.element_size())
-        self.comm.Reduce_scatter(buffers.host_buffer(host), buffers.host_buffer(recv), bk.counts, op=MPI.SUM)
+        dtype = HALF.get(self.options.payload)
+        if dtype is not None:  # 2-byte values to each chunk's owner, summed there in float32
+            mine, scale = half_reduce_scatter(self._world, host, dtype)
+            recv.copy_(mine[:bk.hi - bk.lo] / scale)
+        else:
+            buffers.TRAFFIC.add(host.numel() * host.element_size())
+            self.comm.Reduce_scatter(buffers.host_buffer(host), buffers.host_buffer(recv), bk.counts, op=MPI.SUM)
         if recv is not out:
             out.copy_(recv)
 

@@ -29,15 +29,30 @@ def agreed_scale(world, x: torch.Tensor, dtype: torch.dtype, terms: int) -> floa
     return 1.0
 
 
-def half_sum_(world, buf: torch.Tensor, dtype: torch.dtype) -> None:
-    """Collective: buf := the sum over ranks, sent as `dtype` and summed in float32."""
+def half_reduce_scatter(world, buf: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """Collective: (this rank's chunk of the sum over ranks, scaled, in float32; the scale):
+    buf in `size` chunks of ceil(numel / size) values (the last ones short or empty: see
+    `chunk_counts`), each rank's sent as `dtype` to its owner (one alltoall) and summed
+    there in float32."""
     n, numel = world.size, buf.numel()
     scale = agreed_scale(world, buf, dtype, n)
     chunk = math.ceil(numel / n)
     padded = torch.zeros(n * chunk, dtype=dtype, device=buf.device)
     padded[:numel] = buf * scale
-    mine = world.alltoall_tensor(padded.view(n, chunk)).float().sum(0)  # my chunk, float32 sums
-    full = world.allgather_tensor(mine.to(dtype)).reshape(-1)[:numel]
+    return world.alltoall_tensor(padded.view(n, chunk)).float().sum(0), scale
+
+
+def chunk_counts(numel: int, size: int) -> list[int]:
+    """Values of each rank's chunk in `half_reduce_scatter` (ceil(numel / size) each, the
+    last ones short or empty)."""
+    chunk = math.ceil(numel / size)
+    return [max(0, min(chunk, numel - r * chunk)) for r in range(size)]
+
+
+def half_sum_(world, buf: torch.Tensor, dtype: torch.dtype) -> None:
+    """Collective: buf := the sum over ranks, sent as `dtype` and summed in float32."""
+    mine, scale = half_reduce_scatter(world, buf, dtype)  # my chunk, float32 sums
+    full = world.allgather_tensor(mine.to(dtype)).reshape(-1)[:buf.numel()]
     buf.copy_(full.float() / scale)
 
 
