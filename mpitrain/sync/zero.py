@@ -178,6 +178,8 @@ class ZeroStrategy:
             return (f"sync.strategy = 'zero' steps each rank's optimizer on slices of flattened parameters, "
                     f"right only for elementwise optimizers (SGD, Adam, AdamW, ...), not {type(optimizer).__name__}")
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if not params:
+            return "sync.strategy = 'zero': the optimizer has no trainable parameters"
         model_params = {id(p) for p in model.parameters()}
         if any(id(p) not in model_params for p in params):
             return "sync.strategy = 'zero': the optimizer holds tensors that are not the model's parameters"
@@ -237,7 +239,7 @@ class ZeroStrategy:
         if not self.ready:  # not set up yet: the optimizer is whole anyway
             yield
             return
-        sharded = [g["params"] for g in opt.param_groups]
+        sharded, before = [g["params"] for g in opt.param_groups], dict(opt.state)
         for g, params in zip(opt.param_groups, self.groups):
             g["params"] = params
         opt.state.clear()
@@ -252,6 +254,9 @@ class ZeroStrategy:
                 g["params"] = params
             if full is not None:
                 self._shard(opt, full)
+            else:  # the load failed: the chunks' state as it was
+                opt.state.clear()
+                opt.state.update(before)
             with torch.no_grad():
                 for bk in self.buckets:
                     if bk.offload:  # the model may have been loaded too: the host chunks follow it

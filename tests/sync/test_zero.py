@@ -238,3 +238,29 @@ def test_half_payload_sends_fewer_bytes_and_stays_close(world, payload):
     assert all(np.array_equal(same[0], g) for g in same)
     if world.size > 1:
         assert sent[payload] < 0.85 * sent["fp32"], sent
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line_and_keeps_the_state(world, shared_tmp):
+    """mpitrain.restore of another model's checkpoint into a zero optimizer: one agreed
+    line, and the optimizer keeps its chunks and their state."""
+    import mpitrain
+
+    model = _model()
+    model, opt = mpitrain.distribute(model, torch.optim.Adam(model.parameters(), lr=0.01), "zero", world=world)
+    x, y = torch.randn(4, 7), torch.randn(4, 5)
+    opt.backward((model(x) - y).pow(2).mean())
+    opt.step()
+    held = {id(k): {n: v.clone() for n, v in s.items()} for k, s in opt.state.items()}
+    other = torch.nn.Linear(7, 5)
+    o2, opt2 = mpitrain.distribute(other, torch.optim.Adam(other.parameters()), "allreduce", world=world)
+    path = str(shared_tmp / "other.h5")
+    mpitrain.save(path, o2, opt2)
+    opt2.close()
+    with pytest.raises(AgreedError) as e:
+        mpitrain.restore(path, model, opt)
+    assert "another model" in str(e.value) and "\n" not in str(e.value)
+    assert {id(k) for k in opt.state} == set(held)
+    for k, s in opt.state.items():
+        for n, v in s.items():
+            assert torch.equal(v, held[id(k)][n])
+    opt.close()
