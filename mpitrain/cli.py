@@ -7,7 +7,7 @@ import sys
 
 from ._version import __version__
 from .comm.world import LAUNCH
-from .errors import EXIT_USAGE, AgreedError, UserError
+from .errors import EXIT_OOM, EXIT_USAGE, AgreedError, UserError, out_of_memory
 from .faults import EXIT_DIVERGED, EXIT_STOPPED, Stopped
 
 
@@ -264,3 +264,9 @@ def main(argv=None) -> None:
             leave(e.exit_code)
         print(f"mpitrain: error (rank {world.rank}): {e}", file=sys.stderr, flush=True)
         world.abort(e.exit_code)  # only this rank knows: end the others too
+    except (MemoryError, RuntimeError) as e:
+        line = out_of_memory(e)
+        if args.debug or line is None:
+            raise
+        print(f"mpitrain: error (rank {world.rank}): {line}", file=sys.stderr, flush=True)
+        world.abort(EXIT_OOM)  # the others may wait in a collective: end them too

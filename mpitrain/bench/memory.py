@@ -7,7 +7,7 @@ Collective. For each variant in turn, in this one process: free what the last on
 with the variant's overrides (train.build), take `--steps` steps of its own Step, then
 count the tensors the step keeps (each storage once) and read the peak RSS above the RSS at
 the variant's start. The largest figure over ranks is printed. Formulas (Ψ values, N
-ranks, K optimizer bytes per value as measured under allreduce): parameters 4Ψ;
+ranks, K optimizer bytes per value as measured under the first variant): parameters 4Ψ;
 gradients allreduce 4Ψ, zero-1 4Ψ + 4Ψ/N, zero-2 4Ψ/N (plus up to two buckets in flight,
 not held after the step); optimizer KΨ, zero K Ψ/N.
 """
@@ -122,10 +122,11 @@ def _report(got: dict, n: int) -> None:
     mb = 1 / 2**20
     first = next(iter(got.values()))
     psi = first["psi"]
-    k = got["allreduce"]["optim"] / psi if "allreduce" in got else float("nan")
+    name0 = next(iter(got))  # K: optimizer bytes per parameter, from the first variant measured
+    k = got[name0]["optim"] * (n if name0.startswith("zero") else 1) / psi
     formula = {"allreduce": (4 * psi, 4 * psi, k * psi), "zero-1": (4 * psi, 4 * psi + 4 * psi / n, k * psi / n),
                "zero-2": (4 * psi, 4 * psi / n, k * psi / n)}
-    print(f"# {psi:,} parameters, {n} ranks, optimizer {k:.0f} bytes/parameter (measured under allreduce); "
+    print(f"# {psi:,} parameters, {n} ranks, optimizer {k:.0f} bytes/parameter (measured under {name0}); "
           "MB per rank, the largest over ranks; formula in ()")
     print(f"{'variant':<10} {'params':>18} {'grads':>18} {'optimizer':>18} {'peak RSS':>9} {'optim vs allreduce':>19}")
     base = got.get("allreduce", {}).get("optim")

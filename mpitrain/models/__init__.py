@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..callables import resolve
-from ..errors import UserError
+from ..errors import UserError, out_of_memory
 
 
 def mlp(input_shape, num_classes=0, hidden=(128, 128), dropout=0.0, num_outputs=0) -> nn.Module:
@@ -83,6 +83,8 @@ def build_model(cfg, meta, job_dir: str = "") -> nn.Module:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
+        if out_of_memory(e):  # not bad input: the model does not fit (exit 5, mpitrain.cli)
+            raise
         raise UserError(f"{key} = {cfg.factory or cfg.name!r} failed to build the model with "
                         f"{sorted(kwargs) or 'no [model.args]'} ({type(e).__name__}: {e})") from None
     if not isinstance(model, nn.Module):

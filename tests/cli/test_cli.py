@@ -716,3 +716,21 @@ def test_a_user_loop_that_diverges_between_ranks_ends_with_exit_3(tmp_path, mpir
     r = mpirun(2, script=script, timeout=120)
     assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
     assert "watchdog" in r.stderr and "no progress" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+def test_out_of_memory_is_one_line_exit_5(tmp_path, digits, mpirun):
+    """A model that does not fit (10^10 parameters under a 3 GiB address-space cap per
+    rank): one line naming the cause and what to change, exit 5, no traceback, no hang."""
+    import resource
+    import subprocess
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+    args = _train_args(digits, tmp_path / "oom", "--set", "model.hidden=[100000, 100000]")
+    r = subprocess.run(mpirun.command(2, *args), capture_output=True, text=True, timeout=240, cwd=mpirun.root,
+                       env=mpirun.env, preexec_fn=cap)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("mpitrain: error")]
+    assert r.returncode == 5, (r.returncode, r.stderr[-2000:])
+    assert errors and all("out of memory" in ln and "sync.strategy = 'zero'" in ln for ln in errors), r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
