@@ -126,3 +126,21 @@ def test_gpt_with_its_tied_head_equals_one_process(world, schedule):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
     assert (len(pipe.tied) == 1) == (stages > 1 and (pipe.first or pipe.last))
     pipe.free()
+
+
+def test_bench_pipeline_runs_every_layout_that_fits(world, capsys):
+    """`mpitrain bench pipeline` at any world size: a row per layout whose P divides it."""
+    import argparse
+
+    from mpitrain import bench
+
+    args = argparse.Namespace(stages="1,2,4", schedules="gpipe,1f1b", micro="2", layers=2, width=16, heads=2, seq=8,
+                              vocab=11, batch=4, steps=1, repeats=1)
+    bench.pipeline(args, world, world.logger())
+    rows = world.bcast([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+                       if world.is_root else None)
+    assert len(rows) == 2 * len([p for p in (1, 2, 4) if world.size % p == 0]), rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        held, promised = cells[8].split()
+        assert int(held) <= int(promised.strip("()")), row

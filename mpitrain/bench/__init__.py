@@ -5,6 +5,7 @@ against a baseline measured in the same run (never a timed assertion).
                   DDP), allreduce (algbw / busbw, flat vs hierarchical), straggler
     e2e.py        a job's own training step vs one process and torch DDP
     model.py      the fitted cost model's predictions against measured step times
+    pipeline.py   a GPT in pipeline stages x replicas: step time, bubble, activations held
     memory.py     bytes of parameters, gradients, optimizer state and peak RSS per rank:
                   allreduce vs zero stage 1 and 2, next to the formulas
     costmodel.py  the alpha-beta cost model (no MPI)
@@ -52,5 +53,12 @@ def model(args, world, log) -> None:
 def memory(args, world, log) -> None:
     """Collective: per-rank memory of allreduce, zero-1 and zero-2 next to the formulas."""
     from .memory import run
+
+    run(args, world, log)
+
+
+def pipeline(args, world, log) -> None:
+    """Collective: pipeline layouts, schedules and micro-batch counts of a GPT."""
+    from .pipeline import run
 
     run(args, world, log)

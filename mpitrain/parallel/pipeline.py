@@ -148,6 +148,7 @@ class Pipeline:
         returns that loss on every stage."""
         m, comm = self.m, self.comm
         inputs, outputs, pending, loss, held, k = {}, {}, [], 0.0, 0, 0
+        self.busy = 0.0  # seconds this step spent in forward, loss and backward (the rest: waiting)
         try:
             if (self.first and len(x) < m) or (self.last and len(y) < m) or (self.first and self.last
                                                                             and len(x) != len(y)):
@@ -183,21 +184,25 @@ class Pipeline:
         except (UserError, PipelineError) as e:
             self._fail(str(e), k)
             raise PipelineError(str(e)) from None
-        MPI.Request.Waitall([r for r, _ in pending])
+        # this stage's reductions start as soon as its last backward ends (the others drain on)
         for p, group in self.tied:  # one parameter on several stages (gpt's embedding and head)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             buffers.allreduce_(group, p.grad)
         if self.data is not None and self.data.Get_size() > 1:
             self._average_over_replicas()
+        MPI.Request.Waitall([r for r, _ in pending])
         return float(comm.bcast(loss, root=self.stages - 1))
 
     def _run(self, what: str, fn):
+        t0 = time.perf_counter()
         try:
             return fn()
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"pipeline stage {self.stage}: {what} failed: {first}") from None
+        finally:
+            self.busy += time.perf_counter() - t0
 
     def _fail(self, message: str, k: int) -> None:
         """Send the error in place of every message this stage still owes from action k on,
