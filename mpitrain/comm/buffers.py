@@ -20,6 +20,7 @@ import os
 import re
 import threading
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -329,3 +330,30 @@ def broadcast_module(comm: MPI.Intracomm, model: torch.nn.Module, direct: bool =
             bcast_(comm, flat, direct=direct)
             if flat.data_ptr() != t.data.data_ptr():
                 t.data.copy_(flat)
+
+
+# -- uneven chunks of a flat buffer (ZeRO): counts[r] values for rank r, contiguous ---------
+
+def reduce_scatter_(comm: MPI.Intracomm, send: torch.Tensor, recv: torch.Tensor, counts: list[int]) -> None:
+    """Collective: recv := rank r's chunk (counts[r] values, in order) of the sum over ranks
+    of `send` (contiguous CPU tensors; every chunk below counts.MAX_COUNT)."""
+    TRAFFIC.add(send.numel() * send.element_size())
+    comm.Reduce_scatter(host_buffer(send), host_buffer(recv), counts, op=MPI.SUM)
+
+
+def allgatherv_(comm: MPI.Intracomm, flat: torch.Tensor, counts: list[int], displs: list[int]) -> None:
+    """Collective: in place, every rank's chunk flat[displs[r]:displs[r] + counts[r]] from
+    its owner (a contiguous CPU tensor)."""
+    TRAFFIC.add(counts[comm.Get_rank()] * flat.element_size())
+    comm.Allgatherv(MPI.IN_PLACE, [flat.numpy(), counts, displs, mpi_dtype(flat)])
+
+
+def gatherv(comm: MPI.Intracomm, chunk: torch.Tensor, counts: list[int], displs: list[int],
+            root: int = 0) -> np.ndarray | None:
+    """Collective: the ranks' chunks joined on `root` (a numpy array of sum(counts) values;
+    None elsewhere)."""
+    send = chunk.detach().cpu().contiguous()
+    full = np.empty(sum(counts), dtype=send.numpy().dtype) if comm.Get_rank() == root else None
+    recv = [full, counts, displs, mpi_dtype(send)] if full is not None else None
+    comm.Gatherv(host_buffer(send), recv, root=root)
+    return full

@@ -25,59 +25,21 @@ import time
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
-from ..comm import buffers
-from ..errors import AgreedError, UserError
+from ..comm import buffers, p2p
+from ..comm.p2p import PeerError, isend, recv, send_error
+from ..errors import UserError
 from .schedule import SCHEDULES, ScheduleError, promised, simulate
 
-HEADER = 8  # int64 values: dtype code (-1: an error message), ndim, up to 6 dims
-CODES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
-         torch.bool]
 ACT, GRAD = 0, 1
 
 
-class PipelineError(AgreedError):
+class PipelineError(PeerError):
     """A stage failed during a step; every stage of the pipeline raises it."""
 
 
 def _tag(kind: int, i: int) -> int:
     return 2 * i + kind
-
-
-def isend(comm: MPI.Intracomm, t: torch.Tensor, dest: int, tag: int):
-    """Start sending t (any shape, one of CODES) with its header; (request, buffer): keep
-    the buffer until the request completes."""
-    t = t.detach().contiguous().cpu()
-    if t.dtype not in CODES or t.dim() > HEADER - 2:
-        raise UserError(f"pipeline: cannot send a {t.dtype} tensor of {t.dim()} dims between stages")
-    head = np.zeros(HEADER, np.int64)
-    head[0], head[1], head[2:2 + t.dim()] = CODES.index(t.dtype), t.dim(), list(t.shape)
-    data = t.reshape(-1).view(torch.uint8).numpy()
-    buf = np.concatenate([head.view(np.uint8), data])
-    buffers.TRAFFIC.add(buf.size)
-    return comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf
-
-
-def send_error(comm: MPI.Intracomm, message: str, dest: int, tag: int):
-    head = np.zeros(HEADER, np.int64)
-    head[0] = -1
-    buf = np.concatenate([head.view(np.uint8), np.frombuffer(message.encode(), np.uint8)])
-    return comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf
-
-
-def recv(comm: MPI.Intracomm, source: int, tag: int) -> torch.Tensor:
-    """Receive a tensor sent by `isend` (its size learnt from the message: MPI_Mprobe);
-    PipelineError where the sender sent an error instead."""
-    status = MPI.Status()
-    msg = comm.Mprobe(source=source, tag=tag, status=status)
-    buf = np.empty(status.Get_count(MPI.BYTE), np.uint8)
-    msg.Recv([buf, MPI.BYTE])
-    head = buf[:HEADER * 8].view(np.int64)
-    if head[0] == -1:
-        raise PipelineError(buf[HEADER * 8:].tobytes().decode(errors="replace"))
-    dtype, shape = CODES[int(head[0])], [int(d) for d in head[2:2 + int(head[1])]]
-    return torch.from_numpy(buf[HEADER * 8:].copy()).view(dtype).reshape(shape)
 
 
 def balance(costs: list[float], stages: int) -> list[int]:
@@ -118,8 +80,8 @@ class Pipeline:
     stage order) and the schedule of one step. Collective over the pipeline (and the
     data-parallel group `data`, if given): `step`."""
 
-    def __init__(self, module: torch.nn.Module, comm: MPI.Intracomm, *, micro_batches: int,
-                 schedule: str = "1f1b", loss_fn=None, data: MPI.Intracomm | None = None, tied=()):
+    def __init__(self, module: torch.nn.Module, comm, *, micro_batches: int,
+                 schedule: str = "1f1b", loss_fn=None, data=None, tied=()):
         self.module, self.comm, self.data, self.loss_fn = module, comm, data, loss_fn
         self.tied = list(tied)  # (parameter, communicator of the stages holding a copy of it)
         self.stage, self.stages, self.m = comm.Get_rank(), comm.Get_size(), micro_batches
@@ -181,7 +143,7 @@ class Pipeline:
                     if not self.first and inp.is_floating_point():
                         pending.append(isend(comm, inp.grad, self.stage - 1, _tag(GRAD, i)))
                     held -= 1
-        except (UserError, PipelineError) as e:
+        except (UserError, PeerError) as e:
             self._fail(str(e), k)
             raise PipelineError(str(e)) from None
         # this stage's reductions start as soon as its last backward ends (the others drain on)
@@ -191,7 +153,7 @@ class Pipeline:
             buffers.allreduce_(group, p.grad)
         if self.data is not None and self.data.Get_size() > 1:
             self._average_over_replicas()
-        MPI.Request.Waitall([r for r, _ in pending])
+        p2p.wait_all(pending)
         return float(comm.bcast(loss, root=self.stages - 1))
 
     def _run(self, what: str, fn):
@@ -232,16 +194,6 @@ class Pipeline:
         self.comm.Free()
         if self.data is not None:
             self.data.Free()
-
-
-def grid(comm: MPI.Intracomm, stages: int) -> tuple[MPI.Intracomm, MPI.Intracomm]:
-    """Collective: (this rank's pipeline, its data-parallel group) of a D x P grid
-    (MPI_Cart_create; rank = d * P + s: a pipeline's stages are consecutive ranks)."""
-    size = comm.Get_size()
-    cart = comm.Create_cart([size // stages, stages], periods=[False, False], reorder=False)
-    pipe, data = cart.Sub([False, True]), cart.Sub([True, False])
-    cart.Free()
-    return pipe, data
 
 
 def split(blocks, stages: int, sizes: list[int] | None = None, costs: list[float] | None = None) -> list[list]:
@@ -296,13 +248,13 @@ def pipeline(blocks, *, stages: int, micro_batches: int, schedule: str = "1f1b",
         return measure(blocks, sample) if sample is not None and world.is_root else None
     costs = world.bcast(world.agree(settle))
     parts = split(blocks, stages, split_sizes, costs)
-    pipe, data = grid(world.comm, stages)
+    pipe, data = p2p.grid(world.comm, stages)  # a pipeline's stages are consecutive ranks
     module = torch.nn.Sequential(*parts[pipe.Get_rank()])
     return Pipeline(module, pipe, micro_batches=micro_batches, schedule=schedule, loss_fn=loss_fn, data=data,
                     tied=tie(parts, pipe))
 
 
-def tie(parts: list[list], pipe: MPI.Intracomm) -> list:
+def tie(parts: list[list], pipe) -> list:
     """Collective over the pipeline: for each parameter that blocks of several stages
     share (the same object in the block list every rank built), this stage's copy and a
     communicator of those stages, to sum its gradient over them; in parameter order, the
@@ -316,7 +268,7 @@ def tie(parts: list[list], pipe: MPI.Intracomm) -> list:
     for p, stages in holders.values():
         if len(stages) < 2:
             continue
-        group = pipe.Split(0 if me in stages else MPI.UNDEFINED, me)
-        if me in stages:
+        group = p2p.subgroup(pipe, me in stages)
+        if group is not None:
             out.append((p, group))
     return out

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from ..comm import buffers, counts
 from ..comm.collectives import resolve_overlap
@@ -276,11 +275,8 @@ class ZeroStrategy:
             for k, tensor in sorted(kinds.items()):
                 v = mine.get(k)
                 if tensor:
-                    send = (v.detach().cpu().contiguous() if torch.is_tensor(v) and v.dim() > 0
-                            else torch.zeros(0))  # (an empty chunk)
-                    full = np.empty(b.flat.numel(), dtype=send.numpy().dtype) if world.is_root else None
-                    recv = [full, b.counts, b.displs, buffers.mpi_dtype(send)] if world.is_root else None
-                    self.comm.Gatherv(buffers.host_buffer(send), recv, root=0)
+                    full = buffers.gatherv(self.comm, v if torch.is_tensor(v) and v.dim() > 0
+                                           else torch.zeros(0), b.counts, b.displs)  # (an empty chunk)
                     if world.is_root:
                         for p, o in zip(b.params, b.offsets):
                             state.setdefault(str(index[p]), {})[k] = full[o:o + p.numel()].reshape(p.shape).copy()
@@ -361,8 +357,7 @@ class ZeroStrategy:
             mine, scale = half_reduce_scatter(self._world, host, dtype)
             recv.copy_(mine[:bk.hi - bk.lo] / scale)
         else:
-            buffers.TRAFFIC.add(host.numel() * host.element_size())
-            self.comm.Reduce_scatter(buffers.host_buffer(host), buffers.host_buffer(recv), bk.counts, op=MPI.SUM)
+            buffers.reduce_scatter_(self.comm, host, recv, bk.counts)
         if recv is not out:
             out.copy_(recv)
 
@@ -418,8 +413,7 @@ class ZeroStrategy:
             if bk.offload:  # this rank's updated chunk, from host memory
                 bk.flat[bk.lo:bk.hi].copy_(bk.shard.detach())
             host = bk.flat.cpu() if bk.flat.is_cuda else bk.flat
-            buffers.TRAFFIC.add((bk.hi - bk.lo) * host.element_size())
-            self.comm.Allgatherv(MPI.IN_PLACE, [host.numpy(), bk.counts, bk.displs, buffers.mpi_dtype(host)])
+            buffers.allgatherv_(self.comm, host, bk.counts, bk.displs)
             if host is not bk.flat:
                 bk.flat.copy_(host)
 
