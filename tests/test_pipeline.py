@@ -69,6 +69,12 @@ def test_a_failing_stage_fails_every_stage_with_one_line(world):
     with pytest.raises(PipelineError) as e:
         pipe.step(x, y[:5] if pipe.last else y)  # the last stage's targets do not fit
     assert "\n" not in str(e.value) and "pipeline stage" in str(e.value)
+    with pytest.raises(UserError, match="an earlier step failed"):  # its unmatched messages: not again
+        pipe.step(x, y)
+    pipe.free()
+    pipe = mpitrain.pipeline(_blocks(), stages=stages, micro_batches=2, loss_fn=F.cross_entropy, world=world)
+    with pytest.raises(PipelineError, match="needs the inputs x on the first stage"):
+        pipe.step(None, None)
     pipe.free()
 
 

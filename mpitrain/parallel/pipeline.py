@@ -94,6 +94,8 @@ class Pipeline:
         self.actions = lists[self.stage]
         self.promised = promised(schedule, self.stage, self.stages, micro_batches)
         self.held_peak = 0  # the most micro-batches whose activations this stage held (last step)
+        self.broken = ""  # why a step failed: its unmatched error messages make the pipeline unusable
+        self._orphans: list = []  # error messages sent in place of owed ones (their buffers live on)
 
     @property
     def first(self) -> bool:
@@ -109,9 +111,14 @@ class Pipeline:
         this stage's parameters as one process's of the whole batch's mean loss would;
         returns that loss on every stage."""
         m, comm = self.m, self.comm
+        if self.broken:
+            raise UserError(f"pipeline: an earlier step failed ({self.broken[:120]}): free() it and make a new one")
         inputs, outputs, pending, loss, held, k = {}, {}, [], 0.0, 0, 0
         self.busy = 0.0  # seconds this step spent in forward, loss and backward (the rest: waiting)
         try:
+            if (self.first and not torch.is_tensor(x)) or (self.last and not torch.is_tensor(y)):
+                raise UserError(f"pipeline stage {self.stage}: step() needs the inputs x on the first stage and "
+                                "the targets y on the last, as tensors")
             if (self.first and len(x) < m) or (self.last and len(y) < m) or (self.first and self.last
                                                                             and len(x) != len(y)):
                 raise UserError(f"pipeline stage {self.stage}: a batch of {len(x) if self.first else len(y)} "
@@ -145,6 +152,7 @@ class Pipeline:
                     held -= 1
         except (UserError, PeerError) as e:
             self._fail(str(e), k)
+            self.broken = str(e)
             raise PipelineError(str(e)) from None
         # this stage's reductions start as soon as its last backward ends (the others drain on)
         for p, group in self.tied:  # one parameter on several stages (gpt's embedding and head)
@@ -171,9 +179,9 @@ class Pipeline:
         so no neighbour waits for one (they pass it on the same way)."""
         for kind, i in self.actions[k:]:
             if kind == "F" and not self.last:
-                send_error(self.comm, message, self.stage + 1, _tag(ACT, i))
+                self._orphans.append(send_error(self.comm, message, self.stage + 1, _tag(ACT, i)))
             elif kind == "B" and not self.first:
-                send_error(self.comm, message, self.stage - 1, _tag(GRAD, i))
+                self._orphans.append(send_error(self.comm, message, self.stage - 1, _tag(GRAD, i)))
 
     def _average_over_replicas(self) -> None:
         """Each stage's gradients averaged over the data-parallel replicas (one allreduce)."""
@@ -189,11 +197,20 @@ class Pipeline:
             pos += g.numel()
 
     def free(self) -> None:
+        """Collective: release the communicators. After a failed step the pipeline's own is
+        kept, with the error messages still in flight on it (freeing a communicator under
+        unmatched sends is what Open MPI crashes on): a small leak, once per failure."""
         for _, group in self.tied:
             group.Free()
-        self.comm.Free()
+        if self.broken:
+            _FAILED.append((self.comm, self._orphans))
+        else:
+            self.comm.Free()
         if self.data is not None:
             self.data.Free()
+
+
+_FAILED: list = []  # (communicator, error messages in flight) of pipelines whose step failed
 
 
 def split(blocks, stages: int, sizes: list[int] | None = None, costs: list[float] | None = None) -> list[list]:
