@@ -3,7 +3,7 @@
 
 The optimizer's parameters are packed per parameter group into flat buckets (the model's
 parameters become views of them); rank r owns the r-th of N contiguous chunks of every
-bucket (sizes differ by at most one value; no padding). Each step:
+bucket (ceil(n/N) values each, the last ones shorter: no padded copy). Each step:
 
     backward     a complete bucket's gradient is reduce-scattered (MPI_Reduce_scatter, the
                  SUM; the loss is pre-scaled, so it is the mean): rank r receives the
