@@ -116,9 +116,9 @@ def test_bench_model_digits_table(tmp_path, digits, mpirun):
     lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
     assert lines[0] == "| variant | predicted ms/step | of which codec | measured ms/step | predicted / measured |"
     rows = {c[0]: [float(x) for x in c[1:]] for c in ([x.strip() for x in ln.strip("|").split("|")]
-                                                       for ln in lines[1:7])}
+                                                       for ln in lines[1:9])}
     assert list(rows) == ["allreduce", "allreduce fp16", "allreduce topk 1%", "allreduce powersgd r2",
-                          "allreduce sign", "local_sgd H=4"], out
+                          "allreduce sign", "zero-1", "zero-2", "local_sgd H=4"], out
     for name, (pred, codec, measured, ratio) in rows.items():
         assert (codec > 0) == ("allreduce " in name), (name, codec)
         assert pred >= compute + codec - 0.01 and measured > 0 and ratio == pytest.approx(pred / measured, abs=0.01)
