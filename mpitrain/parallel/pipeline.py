@@ -216,7 +216,6 @@ _FAILED: list = []  # (communicator, error messages in flight) of pipelines whos
 def split(blocks, stages: int, sizes: list[int] | None = None, costs: list[float] | None = None) -> list[list]:
     """The blocks of each stage: `sizes` blocks each (a manual split), else balanced by
     `costs` (e.g. `measure`), else by parameter count (+1 per block)."""
-    n = len(blocks)
     if sizes is None:
         costs = costs or [sum(p.numel() for p in b.parameters()) + 1.0 for b in blocks]
         sizes = balance(costs, stages)
