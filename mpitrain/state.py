@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,34 +103,62 @@ def load_model(model: torch.nn.Module, arrays: dict, what: str) -> None:
             t.copy_(torch.from_numpy(np.array(arrays[k])).view_as(t))
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tree: dict) -> dict:
-    """Load a checkpoint's optim tree into `opt` after checking every shape against its
-    parameters; the hyperparameters stay `opt`'s own (the lr is the checkpoint's, i.e. where
-    the schedule was). Returns {name: (checkpoint's, kept)} for those that differed."""
-    groups = tree.get("param_groups", [])
-    groups = json.loads(groups) if isinstance(groups, str) else groups
-    mine = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = {}
+def optim_entries(groups: list[list], tree: dict) -> dict[int, dict]:
+    """A checkpoint's optimizer state {parameter index: {key: array or checkpoint.Slab}},
+    every shape checked against `groups` (the optimizer's whole parameters, per group)
+    without reading the arrays."""
+    given = tree.get("param_groups", [])
+    given = json.loads(given) if isinstance(given, str) else given
+    sizes = [len(g) for g in groups]
+    if given and [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in given] != sizes:
+        raise UserError(f"checkpoint optimizer's parameter groups hold "
+                        f"{[len(g.get('params', [])) if isinstance(g, dict) else '?' for g in given]} parameters; "
+                        f"this job's hold {sizes}")
+    params, state = [p for g in groups for p in g], {}
     for i, entries in tree.get("state", {}).items():
         if not str(i).isdigit() or int(i) >= len(params) or not isinstance(entries, dict):
             raise UserError(f"checkpoint optimizer state names parameter {i!r}; this job has {len(params)}")
         p, state[int(i)] = params[int(i)], {}
         for k, v in entries.items():
-            a = np.asarray(v)
-            if a.dtype.kind not in "fiub" or (a.ndim and a.shape != tuple(p.shape)):
-                raise UserError(f"checkpoint optimizer state {i}/{k} has shape {a.shape} ({a.dtype}); "
+            a = v if isinstance(v, checkpoint.Slab) else np.asarray(v)
+            if a.dtype.kind not in "fiub" or (len(a.shape) and tuple(a.shape) != tuple(p.shape)):
+                raise UserError(f"checkpoint optimizer state {i}/{k} has shape {tuple(a.shape)} ({a.dtype}); "
                                 f"its parameter has {tuple(p.shape)}")
-            state[int(i)][k] = torch.from_numpy(np.array(a)) if a.ndim or k != "step" else torch.tensor(float(a))
+            state[int(i)][k] = a
+    return state
+
+
+def optim_groups(opt: torch.optim.Optimizer, tree: dict) -> dict:
+    """Take the checkpoint's learning rate (where the schedule was) and the settings `opt`
+    lacks; `opt`'s own hyperparameters stay. Returns {name: (checkpoint's, kept)} for those
+    that differed."""
+    given = tree.get("param_groups", [])
+    given = json.loads(given) if isinstance(given, str) else given
+    changed = {}
+    for g, theirs in zip(opt.param_groups, given):
+        for k, v in theirs.items():
+            if k == "params":
+                continue
+            if k == "lr" or k not in g:
+                g[k] = v
+            elif g[k] != v:
+                changed[k] = (v, g[k])
+    return changed
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tree: dict) -> dict:
+    """Load a checkpoint's optim tree into `opt` after checking every shape against its
+    parameters; the hyperparameters stay `opt`'s own (the lr is the checkpoint's, i.e. where
+    the schedule was). Returns {name: (checkpoint's, kept)} for those that differed."""
+    state = {i: {k: torch.from_numpy(np.array(a)) if len(a.shape) or k != "step" else torch.tensor(float(np.asarray(a)))
+                 for k, a in entries.items()}
+             for i, entries in optim_entries([g["params"] for g in opt.param_groups], tree).items()}
+    groups = [{**g, "params": [p for p in g["params"]]} for g in opt.state_dict()["param_groups"]]
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint optimizer state does not fit this {type(opt).__name__}: {e}") from None
-    changed = {}
-    for g, want in zip(opt.param_groups, mine):
-        changed.update({k: (g.get(k), v) for k, v in want.items() if g.get(k) != v})
-        g.update(want)
-    return changed
+    return optim_groups(opt, tree)
 
 
 @contextlib.contextmanager
@@ -166,32 +195,64 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
         if replica is not None:
             own["replica"] = replica
         shared = _strategy_state(strategy)
-        # a sharded optimizer (zero): its state assembled on rank 0 in the unsharded layout
+        # a sharded optimizer (zero): every rank's pieces of each state tensor, in the unsharded layout
         sharded = strategy.optim_state(step.optimizer) if isinstance(strategy, Sharded) else None
         every = world.gather(own)
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if not world.bcast(finite):
             raise Diverged(f"parameters are not finite at step {pos.step}: checkpoint not written", agreed=True)
-        err = None
+        tree = head = None
         if world.is_root:
             tree = {"position": {"step": pos.step, "epoch": pos.epoch, "samples_in_epoch": pos.samples_in_epoch},
                     "model": model_state(model), "optim": sharded if sharded is not None else optim_state(step.optimizer),
                     "strategy": shared, "precision": step.precision.state_dict(), "ranks": {str(r): t for r, t in enumerate(every)}}
             head = {"world_size": world.size, "strategy": strategy.name, "model": "", "config": "",
                     "replicas_differ": bool(strategy.replicas_differ), "last_counted_step": pos.counted} | meta
-            try:
-                secs = checkpoint.write(path, tree, head)
+        err, t0 = None, time.perf_counter()
+        try:
+            if sharded is None:
+                if world.is_root:
+                    checkpoint.write(path, tree, head)
+            else:
+                _write_together(world, path, tree, head, sharded)
+            if world.is_root:
                 if keep:
                     rotate(path, pos, keep, log)
                 if log is not None:
                     log.info(f"checkpoint {path.name} at step {pos.step} ({path.stat().st_size / 1e6:.1f} MB, "
-                             f"{secs:.2f} s)")
-            except OSError as e:
-                prev = [p for p in checkpoint.list_checkpoints(path.parent) if p != path]
-                err = (f"checkpoint at step {pos.step} failed: {e.strerror or e}; "
-                       + (f"previous checkpoint {prev[0].name} intact" if prev else "no earlier checkpoint"))
-        world.raise_any(world.bcast(err))
+                             f"{time.perf_counter() - t0:.2f} s)")
+        except OSError as e:
+            prev = [p for p in checkpoint.list_checkpoints(path.parent) if p != path]
+            err = (f"checkpoint at step {pos.step} failed: {e.strerror or e}; "
+                   + (f"previous checkpoint {prev[0].name} intact" if prev else "no earlier checkpoint"))
+        world.raise_any(err)
     return str(path)
+
+
+def _write_together(world, path: Path, tree: dict | None, head: dict | None, sharded: dict) -> None:
+    """Collective: a checkpoint whose sharded optimizer state every rank writes its own
+    pieces of (no rank holds all of it): rank 0 writes the rest and places the sharded
+    datasets, every rank writes its pieces, hashes a share of the blocks, rank 0 seals.
+    An OSError on any rank is raised on every rank (the temporary file removed)."""
+    def step(fn, *args):  # one stage; everyone learns of any rank's OSError before the next
+        try:
+            out, err = fn(*args), None
+        except (OSError, ValueError) as e:
+            out, err = None, f"{e.strerror or e}" if isinstance(e, OSError) else str(e)
+        errs = [e for e in world.allgather(err) if e is not None]
+        if errs:
+            if world.is_root:
+                path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+            raise OSError(errs[0])
+        return out
+    mine = {"optim": sharded}  # (dataset names from the root)
+    crcs = world.gather(checkpoint.piece_crcs(mine))
+    placed = step(lambda: checkpoint.write_shell(path, tree, head, checkpoint.whole_crcs(tree, crcs))
+                  if world.is_root else None)
+    placed = world.bcast(placed)
+    step(checkpoint.write_pieces, path, mine, placed)
+    digests = world.gather(step(checkpoint.block_digests, path, world.rank, world.size))
+    step(lambda: checkpoint.seal(path, {i: d for part in digests for i, d in part.items()}) if world.is_root else None)
 
 
 def rotate(path: Path, pos: Position, keep: int, log=None) -> None:
@@ -220,13 +281,15 @@ def _load_replica(step, replica: dict) -> None:
 
 def load(path, world, probe: bool = True) -> dict:
     """Collective: a verified checkpoint tree, read by every rank (any failure is agreed).
-    `probe`: rank 0 first parses it in a child process (checkpoint.probe), so that a
-    crafted file cannot crash the job's ranks (False: it was probed already)."""
-    def probed():
-        if probe and world.is_root:  # the child parses it; the agreed read below is the one load
-            checkpoint.probe(Path(path), checkpoint.verified_bytes(Path(path)))
-    world.agree(probed)
-    return world.agree(checkpoint.read, Path(path))
+    The ranks verify the file's blocks together, then (`probe`) rank 0 parses it in a
+    child process (checkpoint.probe), so that a crafted file cannot crash the job's ranks
+    (False: it was probed already); then every rank reads the tree, leaving /optim/state's
+    arrays in the file (checkpoint.Slab: a sharded optimizer reads only its slices)."""
+    path = Path(path)
+    image = world.agree(checkpoint.verify, path, world.rank, world.size)
+    if probe:
+        world.agree(lambda: checkpoint.probe(path, image) if world.is_root else None)
+    return world.agree(checkpoint.read, path, lazy=True, verified=image)
 
 
 def _own_replica(tree: dict, world) -> dict | None:
@@ -279,11 +342,11 @@ def restore(step, tree: dict, *, model_id: str = "", schedule=None, log=None) ->
                         f"builds {model_id!r} (model.factory / model.name)")
     own = _own_replica(tree, world)
     optim, changed = own["optim"] if own else tree["optim"], {}
-    # a sharded optimizer (zero) takes the whole state and keeps this rank's chunks of it
-    with step.strategy.unsharded(step.optimizer) if isinstance(step.strategy, Sharded) else contextlib.nullcontext():
-        load_model(step.model, own["model"] if own else tree["model"], theirs or "a model")
-        if optim.get("state") or optim.get("param_groups"):
-            changed = load_optimizer(step.optimizer, optim)
+    load_model(step.model, own["model"] if own else tree["model"], theirs or "a model")
+    if isinstance(step.strategy, Sharded):  # zero: this rank reads only its chunks of the state
+        changed = step.strategy.load_optim_state(step.optimizer, optim)
+    elif optim.get("state") or optim.get("param_groups"):
+        changed = load_optimizer(step.optimizer, optim)
     if changed and root:
         log.info("optimizer settings from the job, not the checkpoint: "
                  + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))

@@ -106,7 +106,7 @@ def test_inspect_reports_validity(world, shared_tmp, digits_h5, make_cfg):
     if world.is_root:
         p = checkpoint.list_checkpoints(shared_tmp / "i")[0]
         text = checkpoint.describe(str(p))
-        assert "valid (whole-file sha256" in text and "/rng/torch_cpu" in text and "crc32" in text
+        assert "valid (the file's sha256" in text and "/rng/torch_cpu" in text and "crc32" in text
         assert state.Position().step == 0
         data = bytearray(p.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -131,3 +131,89 @@ def test_a_long_checkpoint_write_shows_progress(tmp_path):
     before = heartbeat._progress["count"]
     checkpoint.write(tmp_path / "ckpt-000000001.h5", tree, {"world_size": 1})
     assert heartbeat._progress["count"] - before >= 50 // 16
+
+
+# -- a checkpoint every rank writes part of (zero): pieces, block digests, lazy slabs ---------
+
+def test_crc_combine_equals_the_crc_of_the_concatenation():
+    import random
+    import zlib
+
+    rng = random.Random(7)
+    for _ in range(50):
+        a, b = rng.randbytes(rng.randrange(0, 3000)), rng.randbytes(rng.randrange(0, 3000))
+        assert checkpoint.crc_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def _written_together(tmp_path, monkeypatch, ranks=3):
+    """A file written as `ranks` ranks would (state.save's steps, here in one process) with
+    64-byte blocks: a (7, 5) optimizer tensor split into uneven pieces."""
+    import numpy as np
+
+    monkeypatch.setattr(checkpoint, "BLOCK", 64)
+    full = np.arange(35, dtype=np.float32).reshape(7, 5) / 7
+    cuts = [0, 12, 12, 35][:ranks] + [35]  # (one rank's piece is empty)
+    mine = [{"optim": {"state": {"0": {"exp_avg": checkpoint.Pieces((7, 5), np.dtype("float32"),
+                                                                    [(cuts[r], full.reshape(-1)[cuts[r]:cuts[r + 1]])])}}}}
+            for r in range(ranks)]
+    tree = {"position": {"step": 3, "epoch": 0, "samples_in_epoch": 0}, "model": {"w": np.ones((7, 5), np.float32)},
+            "optim": {**mine[0]["optim"], "param_groups": '[{"lr": 0.1, "params": [0]}]'}, "strategy": {},
+            "ranks": {"0": {"rng": {"torch_cpu": torch.get_rng_state().numpy()}}}}
+    path = tmp_path / "ckpt-000000003.h5"
+    crcs = checkpoint.whole_crcs(tree, [checkpoint.piece_crcs(m) for m in mine])
+    placed = checkpoint.write_shell(path, tree, {"world_size": ranks, "strategy": "zero"}, crcs)
+    for m in mine:
+        checkpoint.write_pieces(path, m, placed)
+    digests = {}
+    for r in range(ranks):
+        digests |= checkpoint.block_digests(path, r, ranks)
+    checkpoint.seal(path, digests)
+    return path, full
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_pieces_written_by_every_rank_read_back_whole_and_in_slices(tmp_path, monkeypatch, ranks):
+    import numpy as np
+
+    path, full = _written_together(tmp_path, monkeypatch, ranks)
+    assert not path.with_name(path.name + ".tmp").exists() and path.read_bytes().endswith(b"\n")
+    eager = checkpoint.read(path)  # whole arrays, every crc32 checked (the combined one too)
+    assert np.array_equal(eager["optim"]["state"]["0"]["exp_avg"], full)
+    lazy = checkpoint.read(path, lazy=True)
+    slab = lazy["optim"]["state"]["0"]["exp_avg"]
+    assert isinstance(slab, checkpoint.Slab) and isinstance(lazy["model"]["w"], np.ndarray)
+    assert np.array_equal(slab.read(11, 23), full.reshape(-1)[11:23])
+    assert np.array_equal(np.asarray(slab), full)
+    assert "valid" in checkpoint.describe(str(path))
+
+
+def test_a_damaged_block_is_found_by_the_rank_that_checks_it(tmp_path, monkeypatch):
+    path, _ = _written_together(tmp_path, monkeypatch)
+    data = bytearray(path.read_bytes())
+    data[64 * 5 + 3] ^= 1  # block 5
+    path.write_bytes(bytes(data))
+    owners = []
+    for r in range(3):
+        try:
+            checkpoint.verify(path, r, 3)
+        except UserError as e:
+            owners.append(r)
+            assert "checksum mismatch in block 5" in str(e) and "\n" not in str(e)
+    assert owners == [5 % 3]
+    with pytest.raises(UserError, match="block 5"):
+        checkpoint.read(path)
+    table = bytearray(path.read_bytes())
+    table[-checkpoint.BLOCKS_LEN - 1] ^= 1  # the digest table itself
+    path.write_bytes(bytes(table))
+    with pytest.raises(UserError, match="table mismatch"):
+        checkpoint.verify(path)
+
+
+def test_pieces_that_do_not_tile_their_array_are_refused():
+    import numpy as np
+
+    tree = {"optim": {"state": {"0": {"m": checkpoint.Pieces((4,), np.dtype("float32"), [])}}}}
+    with pytest.raises(ValueError, match="do not tile"):
+        checkpoint.whole_crcs(tree, [[("/optim/state/0/m", 0, 0, 8)], [("/optim/state/0/m", 3, 0, 4)]])
+    with pytest.raises(ValueError, match="cover 8 of 16"):
+        checkpoint.whole_crcs(tree, [[("/optim/state/0/m", 0, 0, 8)]])

@@ -347,13 +347,3 @@ def allgatherv_(comm: MPI.Intracomm, flat: torch.Tensor, counts: list[int], disp
     TRAFFIC.add(counts[comm.Get_rank()] * flat.element_size())
     comm.Allgatherv(MPI.IN_PLACE, [flat.numpy(), counts, displs, mpi_dtype(flat)])
 
-
-def gatherv(comm: MPI.Intracomm, chunk: torch.Tensor, counts: list[int], displs: list[int],
-            root: int = 0) -> np.ndarray | None:
-    """Collective: the ranks' chunks joined on `root` (a numpy array of sum(counts) values;
-    None elsewhere)."""
-    send = chunk.detach().cpu().contiguous()
-    full = np.empty(sum(counts), dtype=send.numpy().dtype) if comm.Get_rank() == root else None
-    recv = [full, counts, displs, mpi_dtype(send)] if full is not None else None
-    comm.Gatherv(host_buffer(send), recv, root=root)
-    return full

@@ -122,12 +122,14 @@ class Sharded(Protocol):
         any rank's chunk is not finite): what clipping and an fp16 overflow check see."""
 
     def optim_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """Collective: the optimizer's state as an unsharded optimizer's (state.optim_state's
-        tree) on rank 0, {} elsewhere: checkpoints do not depend on the world size."""
+        """Collective: the optimizer's state in an unsharded optimizer's layout
+        (state.optim_state's tree), each state tensor a checkpoint.Pieces of this rank's
+        pieces of it: every rank writes its own, no rank holds all of it (state.save)."""
 
-    def unsharded(self, optimizer: torch.optim.Optimizer) -> ContextManager[None]:
-        """Within the block the optimizer holds the model's whole parameters (to load a
-        checkpoint's state into); leaving it, each rank keeps its chunks. Local."""
+    def load_optim_state(self, optimizer: torch.optim.Optimizer, tree: dict) -> dict:
+        """A checkpoint's /optim tree (unsharded layout, arrays possibly checkpoint.Slab):
+        keep this rank's chunks, reading only those; returns the hyperparameters that
+        differed (state.optim_groups). Local; before or after setup."""
 
 
 @runtime_checkable

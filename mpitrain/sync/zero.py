@@ -22,7 +22,8 @@ summed over ranks in one scalar allreduce (inf/NaN if any rank's chunk is non-fi
 
 Checkpoints hold the optimizer state in the global layout of an unsharded optimizer (the
 /optim tree `allreduce` writes), so a zero checkpoint resumes at any world size, and under
-allreduce, and the other way round; rank 0 assembles it bucket by bucket (Gatherv).
+allreduce, and the other way round; no rank holds all of it: each writes its chunks' pieces
+into the file and reads back only its chunks (state.save, checkpoint.Slab).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import checkpoint
 from ..comm import buffers, counts
 from ..comm.collectives import resolve_overlap
 from ..options import opt
@@ -49,6 +51,20 @@ from .base import register
 OFFLOAD_ON_CPU = False  # tests: offload's copies between two host tensors, where there is no GPU
 ELEMENTWISE = tuple(getattr(torch.optim, n) for n in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam",
                                                        "Adagrad", "Adadelta", "RMSprop", "Rprop", "ASGD"))
+
+
+def _flat(v, src: slice) -> torch.Tensor:
+    """Values src of a state tensor flattened: a tensor, an array or a checkpoint.Slab
+    (read from the file: only these values)."""
+    if isinstance(v, checkpoint.Slab):
+        return torch.from_numpy(v.read(src.start, src.stop))
+    if torch.is_tensor(v):
+        return v.reshape(-1)[src]
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(v).reshape(-1)[src]))
+
+
+def _dtype(v) -> torch.dtype:
+    return v.dtype if torch.is_tensor(v) else torch.from_numpy(np.zeros(0, v.dtype)).dtype
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,7 @@ class ZeroStrategy:
         self.groups: list[list[torch.nn.Parameter]] = []  # the optimizer's own parameters, per group
         self.paused = False
         self._thread = None
+        self._pending: dict | None = None  # a checkpoint's state restored before setup (load_optim_state)
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self, model, optimizer, resources):
@@ -152,7 +169,8 @@ class ZeroStrategy:
             if cur:
                 self.buckets.append(_Bucket(cur, gi, world.rank, world.size, o.stage, o.offload))
         self.bucket_of = {p: (b, i) for b, bk in enumerate(self.buckets) for i, p in enumerate(bk.params)}
-        self._shard(optimizer, self._full_state(optimizer))
+        self._shard(optimizer, self._pending if self._pending is not None else self._full_state(optimizer))
+        self._pending = None
         self.ready = True
         on_gpu = next(model.parameters()).is_cuda
         self.overlap = resolve_overlap(o.overlap, world.cores_per_rank(), on_gpu, world.thread_multiple)
@@ -219,73 +237,72 @@ class ZeroStrategy:
                 continue
             st = {}
             for k, v in given[0].items():
-                if torch.is_tensor(v) and v.numel() == b.params[0].numel() and v.dim() > 0:
-                    flat = torch.zeros_like(b.shard, dtype=v.dtype)
+                if len(v.shape) and tuple(v.shape) == tuple(b.params[0].shape):
+                    flat = None
                     for p, src, dst in b.pieces():
                         if k in full.get(p, {}):  # (a parameter without state: zeros)
-                            flat[dst].copy_(full[p][k].reshape(-1)[src])
-                    st[k] = flat
-                else:  # per-parameter scalars (the step count): the same for every parameter
-                    st[k] = v.clone() if torch.is_tensor(v) else v
+                            piece = _flat(full[p][k], src)
+                            if flat is None:
+                                flat = torch.zeros_like(b.shard, dtype=piece.dtype)
+                            flat[dst].copy_(piece)
+                    st[k] = flat if flat is not None else torch.zeros_like(b.shard, dtype=_dtype(v))
+                elif torch.is_tensor(v):  # per-parameter scalars (the step count): the same for every parameter
+                    st[k] = v.clone()
+                else:  # (a checkpoint's: as state.load_optimizer makes them)
+                    a = np.asarray(v)
+                    st[k] = torch.tensor(float(a)) if k == "step" else torch.tensor(a.item(), device=b.shard.device)
             opt.state[b.shard] = st
 
-    @contextlib.contextmanager
-    def unsharded(self, opt):
-        """Within the block the optimizer `opt` holds the model's whole parameters and no
-        state (to load a checkpoint's model and optimizer state into, checked against them);
-        on leaving, this rank's chunks of what was loaded become its state (and, with
-        offload, its host copy of the parameters). Local: no communication."""
-        if not self.ready:  # not set up yet: the optimizer is whole anyway
-            yield
-            return
-        sharded, before = [g["params"] for g in opt.param_groups], dict(opt.state)
-        for g, params in zip(opt.param_groups, self.groups):
-            g["params"] = params
-        opt.state.clear()
-        try:
-            yield
-            full = self._full_state(opt)
-        except BaseException:
-            full = None
-            raise
-        finally:
-            for g, params in zip(opt.param_groups, sharded):
-                g["params"] = params
-            if full is not None:
-                self._shard(opt, full)
-            else:  # the load failed: the chunks' state as it was
-                opt.state.clear()
-                opt.state.update(before)
-            with torch.no_grad():
-                for bk in self.buckets:
-                    if bk.offload:  # the model may have been loaded too: the host chunks follow it
-                        bk.shard.copy_(bk.flat[bk.lo:bk.hi])
+    def load_optim_state(self, opt, tree: dict) -> dict:
+        """A checkpoint's optimizer state (the unsharded layout; its arrays may be
+        checkpoint.Slab, left in the file): this rank reads only its chunks of it, checked
+        against the whole parameters first. Before setup it is kept for setup to shard.
+        Returns the hyperparameters that differed (state.optim_groups). Local."""
+        from .. import state  # (state imports the strategies' protocols)
+
+        params = [p for g in self.groups for p in g] if self.ready else [p for g in opt.param_groups for p in g["params"]]
+        groups = self.groups if self.ready else [g["params"] for g in opt.param_groups]
+        full = {params[i]: entries for i, entries in state.optim_entries(groups, tree).items()}
+        changed = state.optim_groups(opt, tree)
+        if not self.ready:
+            self._pending = full
+            return changed
+        self._shard(opt, full)
+        with torch.no_grad():
+            for bk in self.buckets:
+                if bk.offload:  # the model was loaded too: the host chunks follow it
+                    bk.shard.copy_(bk.flat[bk.lo:bk.hi])
+        return changed
 
     def optim_state(self, opt) -> dict:
         """Collective: the optimizer's state in the layout of an unsharded optimizer (the
         tree state.optim_state makes: {"state": {index: {key: array}}, "param_groups":
-        JSON}) on rank 0, {} elsewhere; assembled one bucket and key at a time."""
+        JSON}) where every state tensor is a checkpoint.Pieces holding this rank's pieces
+        of it (its chunks' values): each rank writes its own (state.save)."""
         world = self.world
         index = {p: i for i, p in enumerate(p for g in self.groups for p in g)}
+        kinds = world.bcast([{k: (torch.is_tensor(v) and v.dim() > 0, str(v.dtype).removeprefix("torch.")
+                                  if torch.is_tensor(v) else "float64")
+                              for k, v in opt.state.get(b.shard, {}).items()} for b in self.buckets]
+                            if world.is_root else None)  # rank 0 owns a chunk of every bucket
         state: dict = {}
-        for b in self.buckets:
+        for b, kind in zip(self.buckets, kinds):
             mine = opt.state.get(b.shard, {})
-            kinds = world.bcast({k: torch.is_tensor(v) and v.dim() > 0 for k, v in mine.items()}
-                                if world.is_root else None)  # rank 0 owns a chunk of every bucket
-            for k, tensor in sorted(kinds.items()):
+            for k, (tensor, dtype) in sorted(kind.items()):
                 v = mine.get(k)
                 if tensor:
-                    full = buffers.gatherv(self.comm, v if torch.is_tensor(v) and v.dim() > 0
-                                           else torch.zeros(0), b.counts, b.displs)  # (an empty chunk)
-                    if world.is_root:
-                        for p, o in zip(b.params, b.offsets):
-                            state.setdefault(str(index[p]), {})[k] = full[o:o + p.numel()].reshape(p.shape).copy()
-                elif world.is_root:
-                    value = np.asarray(v.item() if torch.is_tensor(v) else v)
+                    chunk = v.detach().cpu().numpy() if torch.is_tensor(v) and v.dim() > 0 else None
+                    for p, src, dst in b.pieces():
+                        entry = state.setdefault(str(index[p]), {}).setdefault(
+                            k, checkpoint.Pieces(tuple(p.shape), np.dtype(dtype), []))
+                        entry.pieces.append((src.start, chunk[dst].copy()))
+                    for p in b.params:  # (parameters outside this rank's chunk: no pieces here)
+                        state.setdefault(str(index[p]), {}).setdefault(
+                            k, checkpoint.Pieces(tuple(p.shape), np.dtype(dtype), []))
+                else:  # per-parameter scalars (the step count): rank 0's are written
+                    value = np.asarray(v.item() if torch.is_tensor(v) else (0.0 if v is None else v))
                     for p in b.params:
                         state.setdefault(str(index[p]), {})[k] = value
-        if not world.is_root:
-            return {}
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in params]}
                   for g, params in zip(opt.param_groups, self.groups)]
         return {"state": state, "param_groups": json.dumps(groups)}

@@ -509,14 +509,15 @@ def test_killed_rank_ends_the_job_then_rerun_resumes(tmp_path, digits, mpirun):
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tiny tmpfs as the full disk (needs root)")
-def test_disk_full_keeps_the_previous_checkpoint(tmp_path, digits, mpirun):
+@pytest.mark.parametrize("strategy", ["allreduce", "zero"])
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, digits, mpirun, strategy):
     """The run folder is a 600 kB tmpfs: the first ~340 kB checkpoint fits, the second
-    cannot (its temporary file fills the disk)."""
+    cannot (its temporary file fills the disk; zero: every rank writes its pieces)."""
     run = tmp_path / "run"
     run.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(run)], check=True)
     try:
-        big = ["--set", "model.hidden=[512]"]
+        big = ["--set", "model.hidden=[512]", "--set", f"sync.strategy={strategy}"]
         r = mpirun(2, *_train_args(digits, run, "--set", "train.max_steps=5", *big))
         assert r.returncode == 0, r.stderr[-2000:]
         before = {p.name: p.read_bytes() for p in run.glob("ckpt-*.h5")}
