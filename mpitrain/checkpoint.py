@@ -75,7 +75,7 @@ TRAILER_LEN = len(TRAILER) + 64 + 1
 BLOCK = 64 * 2**20  # bytes per digest of a block-sealed checkpoint (one rank hashes each)
 BLOCKS = b"\nmpitrain-sha256-blocks "
 BLOCKS_LEN = len(BLOCKS) + 16 + 1 + 16 + 1 + 64 + 1
-LAZY = "/optim/state/"  # datasets a lazy read leaves on disk (Slab): ranks read only their slices
+LAZY = ("/optim/state/", "/model/")  # datasets a lazy read leaves on disk (Slab): ranks read only theirs
 
 
 def _trailer(image: bytes) -> bytes:
@@ -316,7 +316,9 @@ _PROBE = r"""
 import resource, sys
 path, image = sys.argv[1], int(sys.argv[2])
 cap = max(4 * 2**30, 16 * min(image, 2**28))
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]  # (under a job's own cap, e.g. ulimit -v: that one)
+cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
+resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
 import h5py
 try:
     with h5py.File(path, "r") as f:

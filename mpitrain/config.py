@@ -110,6 +110,22 @@ class SyncCfg:
             object.__setattr__(self, "options", _strategy_class(self.strategy, "<defaults>").Options())
 
 
+PIPELINE_STRATEGIES = ("allreduce", "zero")  # data-parallel strategies that run inside each pipeline stage
+PIPELINE_COMPRESS = ("none", "fp16", "bf16")  # their compressors with no per-stage state to checkpoint (yet)
+
+
+@dataclass(frozen=True)
+class ParallelCfg:
+    pipeline_stages: int = _opt(1, min=1, help="P: the model's blocks split into P pipeline stages over "
+                                               "consecutive ranks (D = ranks / P data-parallel replicas)")
+    micro_batches: int = _opt(1, min=1, help="m: micro-batches per step through the pipeline (bubble "
+                                             "(P-1)/(m+P-1)); each rank's batch is split into m")
+    schedule: str = _opt("1f1b", choices=("1f1b", "gpipe"),
+                         help="1f1b holds at most P - stage micro-batches of activations, gpipe all m")
+    split: tuple[int, ...] = _opt((), help="blocks per stage by hand, e.g. [2, 3] (empty: balanced by "
+                                           "each block's measured forward + backward time)")
+
+
 @dataclass(frozen=True)
 class OutputCfg:
     dir: str = _opt("runs/{name}", help="run folder; {name} = output.name")
@@ -130,6 +146,7 @@ class Config:
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     sync: SyncCfg = field(default_factory=SyncCfg)
+    parallel: ParallelCfg = field(default_factory=ParallelCfg)
     output: OutputCfg = field(default_factory=OutputCfg)
     job_dir: str = field(default="", compare=False)
 
@@ -286,6 +303,28 @@ def _cross_checks(cfg: Config, where: str) -> None:
     if cfg.optim.clip_norm and REGISTRY[cfg.sync.strategy].remote_update:
         raise UserError(f"{where}: optim.clip_norm: {cfg.sync.strategy!r} applies the update in the parameter "
                         "store, where there is no reduced gradient to clip; use allreduce or a local strategy")
+    pp = cfg.parallel
+    if pp.pipeline_stages > 1:
+        if cfg.sync.strategy not in PIPELINE_STRATEGIES:
+            raise UserError(f"{where}: parallel.pipeline_stages = {pp.pipeline_stages}: each stage's replicas "
+                            f"average gradients with {' or '.join(PIPELINE_STRATEGIES)}, not sync.strategy = "
+                            f"{cfg.sync.strategy!r}")
+        kind = cfg.sync.options.compress.kind
+        if kind not in PIPELINE_COMPRESS:
+            raise UserError(f"{where}: parallel.pipeline_stages = {pp.pipeline_stages} with "
+                            f"sync.{cfg.sync.strategy}.compress.kind = {kind!r}: not yet (its state is per stage); "
+                            f"use {', '.join(PIPELINE_COMPRESS)}")
+        if cfg.train.accumulate != 1:
+            raise UserError(f"{where}: train.accumulate = {cfg.train.accumulate} with parallel.pipeline_stages: "
+                            "the pipeline's micro-batches are the accumulation (parallel.micro_batches)")
+        if d.mode != "replicated" or d.assign == "dynamic":
+            raise UserError(f"{where}: parallel.pipeline_stages = {pp.pipeline_stages} needs data.mode = "
+                            "'replicated' (every stage of a replica reads the same batch)")
+        if pp.micro_batches > cfg.train.batch_size:
+            raise UserError(f"{where}: parallel.micro_batches = {pp.micro_batches} is more than the "
+                            f"{cfg.train.batch_size} samples of a replica's batch (train.batch_size)")
+    elif pp.split:
+        raise UserError(f"{where}: parallel.split = {list(pp.split)} without parallel.pipeline_stages > 1")
     if d.shuffle == "global" and d.mode == "partitioned":
         raise UserError(f"{where}: data.shuffle = 'global' needs data.mode = 'replicated' "
                         "(partitioned ranks hold only their shard; use 'shard')")

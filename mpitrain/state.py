@@ -53,7 +53,8 @@ def consistency_check(job) -> None:
     items = {"config": job.cfg.dumps(), "model structure": json.dumps(model), "mpitrain version": __version__}
     for what, value in items.items():
         h = hashlib.sha256(value.encode()).hexdigest()
-        hashes = job.world.allgather(h)
+        # (a pipeline: each stage's structure is its own; its replicas must agree on it)
+        hashes = (getattr(job.strategy, "world", job.world) if what == "model structure" else job.world).allgather(h)
         for r, hr in enumerate(hashes):
             if hr != hashes[0]:
                 raise AgreedError(f"{what} differs between rank 0 and rank {r} "
@@ -90,11 +91,15 @@ def _rng(device: torch.device) -> dict:
     return out
 
 
+def _dtype(a) -> np.dtype:
+    return a.dtype if isinstance(a, (np.ndarray, checkpoint.Slab)) else np.asarray(a).dtype
+
+
 def load_model(model: torch.nn.Module, arrays: dict, what: str) -> None:
     """Load arrays into the model after checking names, shapes and kinds."""
     mine = model.state_dict()
     if set(arrays) != set(mine) or any(tuple(np.shape(arrays[k])) != tuple(v.shape)
-                                       or np.asarray(arrays[k]).dtype.kind not in "fiub" for k, v in mine.items()):
+                                       or _dtype(arrays[k]).kind not in "fiub" for k, v in mine.items()):
         raise UserError(f"checkpoint from another model: it holds {what} with "
                         f"{sum(np.size(a) for a in arrays.values()):,} values in {len(arrays)} tensors, this job "
                         f"builds one with {sum(v.numel() for v in mine.values()):,} in {len(mine)}")
@@ -187,7 +192,7 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
     rank. Writing never changes training: where replicas differ, every rank's own state is
     saved before consolidation and put back afterwards."""
     world, strategy, model = step.world, step.strategy, step.model
-    average_buffers(model, world)  # e.g. BatchNorm statistics: the same on every rank
+    average_buffers(model, getattr(strategy, "world", world))  # e.g. BatchNorm statistics: alike on every replica
     own = {"rng": _rng(step.precision.device)}
     if isinstance(strategy, RankStateful) and (mine := strategy.rank_state_dict()):
         own["strategy"] = mine
@@ -195,8 +200,15 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
         if replica is not None:
             own["replica"] = replica
         shared = _strategy_state(strategy)
-        # a sharded optimizer (zero): every rank's pieces of each state tensor, in the unsharded layout
-        sharded = strategy.optim_state(step.optimizer) if isinstance(strategy, Sharded) else None
+        # pieces every rank writes its own of (no rank holds them all), in the unsharded layout:
+        # a pipeline stage's tensors by their names in the whole model; zero's optimizer chunks
+        if step.stages is not None:
+            mine = _stage_parts(step)
+            skeletons = world.gather(_skeleton(mine))
+        elif isinstance(strategy, Sharded):
+            mine, skeletons = {"optim": strategy.optim_state(step.optimizer)}, None
+        else:
+            mine, skeletons = None, None
         every = world.gather(own)
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if not world.bcast(finite):
@@ -204,17 +216,24 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
         tree = head = None
         if world.is_root:
             tree = {"position": {"step": pos.step, "epoch": pos.epoch, "samples_in_epoch": pos.samples_in_epoch},
-                    "model": model_state(model), "optim": sharded if sharded is not None else optim_state(step.optimizer),
+                    "model": model_state(model), "optim": optim_state(step.optimizer) if mine is None else mine["optim"],
                     "strategy": shared, "precision": step.precision.state_dict(), "ranks": {str(r): t for r, t in enumerate(every)}}
             head = {"world_size": world.size, "strategy": strategy.name, "model": "", "config": "",
                     "replicas_differ": bool(strategy.replicas_differ), "last_counted_step": pos.counted} | meta
+            if skeletons is not None:  # the whole model's tensors and optimizer state, from every stage
+                whole = _merge(skeletons)
+                tree["model"] = whole.get("model", {})
+                tree["optim"] = {"state": whole.get("optim", {}).get("state", {}),
+                                 "param_groups": json.dumps([{**{k: v for k, v in g.items() if k != "params"},
+                                                              "params": list(range(step.stages.total))}
+                                                             for g in step.optimizer.param_groups])}
         err, t0 = None, time.perf_counter()
         try:
-            if sharded is None:
+            if mine is None:
                 if world.is_root:
                     checkpoint.write(path, tree, head)
             else:
-                _write_together(world, path, tree, head, sharded)
+                _write_together(world, path, tree, head, mine)
             if world.is_root:
                 if keep:
                     rotate(path, pos, keep, log)
@@ -229,7 +248,7 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
     return str(path)
 
 
-def _write_together(world, path: Path, tree: dict | None, head: dict | None, sharded: dict) -> None:
+def _write_together(world, path: Path, tree: dict | None, head: dict | None, mine: dict) -> None:
     """Collective: a checkpoint whose sharded optimizer state every rank writes its own
     pieces of (no rank holds all of it): rank 0 writes the rest and places the sharded
     datasets, every rank writes its pieces, hashes a share of the blocks, rank 0 seals.
@@ -245,7 +264,6 @@ def _write_together(world, path: Path, tree: dict | None, head: dict | None, sha
                 path.with_name(path.name + ".tmp").unlink(missing_ok=True)
             raise OSError(errs[0])
         return out
-    mine = {"optim": sharded}  # (dataset names from the root)
     crcs = world.gather(checkpoint.piece_crcs(mine))
     placed = step(lambda: checkpoint.write_shell(path, tree, head, checkpoint.whole_crcs(tree, crcs))
                   if world.is_root else None)
@@ -253,6 +271,44 @@ def _write_together(world, path: Path, tree: dict | None, head: dict | None, sha
     step(checkpoint.write_pieces, path, mine, placed)
     digests = world.gather(step(checkpoint.block_digests, path, world.rank, world.size))
     step(lambda: checkpoint.seal(path, {i: d for part in digests for i, d in part.items()}) if world.is_root else None)
+
+
+def _stage_parts(step) -> dict:
+    """Collective (zero's optim_state): this pipeline stage's part of the whole model's
+    tree, as checkpoint.Pieces under the whole model's names and optimizer indices: its
+    tensors from its first replica (each replica has them all), the optimizer state from
+    every replica under zero (each its chunks), else from the first."""
+    st, opt = step.stages, step.optimizer
+    params, lead = [p for g in opt.param_groups for p in g["params"]], st.data.rank == 0
+    whole = lambda a: checkpoint.Pieces(a.shape, a.dtype, [(0, a.reshape(-1))])  # noqa: E731
+    model = {}
+    if lead:
+        names, sd = st.state_names(), step.model.state_dict()
+        for k, full in names.items():
+            for name in full:
+                model[name] = whole(sd[k].detach().cpu().numpy())
+    if isinstance(step.strategy, Sharded):
+        local, params = step.strategy.optim_state(opt)["state"], [p for g in step.strategy.groups for p in g]
+    else:
+        local = {i: {k: whole(a) if a.ndim else a for k, a in e.items()}
+                 for i, e in optim_state(opt)["state"].items()} if lead else {}
+    state = {str(st.index[id(params[int(i)])]): e for i, e in local.items() if st.owned(params[int(i)])}
+    return {"model": model, "optim": {"state": state}}
+
+
+def _skeleton(tree: dict) -> dict:
+    """The tree with every Pieces' values left out (shapes, dtypes and scalars stay)."""
+    return {k: _skeleton(v) if isinstance(v, dict) else
+            checkpoint.Pieces(v.shape, v.dtype, []) if isinstance(v, checkpoint.Pieces) else v
+            for k, v in tree.items()}
+
+
+def _merge(trees: list) -> dict:
+    out: dict = {}
+    for t in trees:
+        for k, v in t.items():
+            out[k] = _merge([out.get(k, {}), v]) if isinstance(v, dict) else out.get(k, v)
+    return out
 
 
 def rotate(path: Path, pos: Position, keep: int, log=None) -> None:
@@ -300,6 +356,34 @@ def _own_replica(tree: dict, world) -> dict | None:
     return ranks[str(world.rank)]["replica"]
 
 
+def _stage_view(step, arrays: dict, optim: dict, what: str) -> dict:
+    """A pipeline stage: load its tensors from the whole model's (`arrays`, by name; read
+    only those), and return the optim tree of its parameters only, in its optimizer's
+    order, after checking the checkpoint is of the whole model this job splits."""
+    st = step.stages
+    groups = optim.get("param_groups", [])
+    groups = json.loads(groups) if isinstance(groups, str) else groups
+    n = sum(len(g.get("params", [])) for g in groups if isinstance(g, dict))
+    if groups and n != st.total:
+        raise UserError(f"checkpoint from another model: its optimizer has {n} parameters, this job's whole model "
+                        f"{st.total}")
+    mine = {}
+    for k, names in st.state_names(owned=False).items():
+        a = next((arrays[n] for n in names if n in arrays), None)
+        if a is None:
+            raise UserError(f"checkpoint from another model: it holds no {names[0]} (this job builds {what})")
+        mine[k] = a
+    load_model(step.model, mine, what)
+    params = [p for g in step.optimizer.param_groups for p in g["params"]]
+    if isinstance(step.strategy, Sharded) and getattr(step.strategy, "ready", False):
+        params = [p for g in step.strategy.groups for p in g]
+    state = optim.get("state", {})
+    local = {str(i): state[str(st.index[id(p)])] for i, p in enumerate(params) if str(st.index[id(p)]) in state}
+    mine_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
+                   for g in (groups or [{}])[:1]] if groups else []
+    return {"state": local, "param_groups": mine_groups}
+
+
 def check_position(tree: dict, device, epochs: int | None = None, samples: int | None = None) -> None:
     """Step, epoch, sample position and random states must make sense for this job."""
     pos, problems = tree["position"], []
@@ -342,7 +426,10 @@ def restore(step, tree: dict, *, model_id: str = "", schedule=None, log=None) ->
                         f"builds {model_id!r} (model.factory / model.name)")
     own = _own_replica(tree, world)
     optim, changed = own["optim"] if own else tree["optim"], {}
-    load_model(step.model, own["model"] if own else tree["model"], theirs or "a model")
+    if step.stages is not None:  # a pipeline stage: its tensors and state by their whole-model names
+        optim = _stage_view(step, own["model"] if own else tree["model"], optim, theirs or "a model")
+    else:
+        load_model(step.model, own["model"] if own else tree["model"], theirs or "a model")
     if isinstance(step.strategy, Sharded):  # zero: this rank reads only its chunks of the state
         changed = step.strategy.load_optim_state(step.optimizer, optim)
     elif optim.get("state") or optim.get("param_groups"):

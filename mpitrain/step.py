@@ -22,6 +22,7 @@ step's global batch is weighted 1/per where the strategy combines the ranks' gra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ class Step:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy, precision, world, *,
                  clip_norm: float = 0.0, on_nonfinite: str = "stop", max_skipped: int = 10, lockstep: bool = True,
                  schedule=None,
-                 loss_fn=None, straggle=None, dog=None, log=None):
+                 loss_fn=None, straggle=None, dog=None, log=None, stages=None):
+        self.stages = stages  # parallel.stages.Stages: this rank's pipeline stage, or None
         self.model, self.optimizer, self.strategy, self.precision, self.world = model, optimizer, strategy, precision, world
         self.clip_norm, self.on_nonfinite, self.max_skipped, self.lockstep = clip_norm, on_nonfinite, max_skipped, lockstep
         self.skipped_in_a_row = 0  # non-finite losses skipped since the last counted step
@@ -97,6 +99,8 @@ class Step:
         self.zero_grad()
         weight, total, n = self.weight(count), torch.zeros((), device=self.precision.device), 0
         batches = list(inputs)
+        if self.stages is not None:
+            return self._pipelined(batches, weight, stop, t_compute)
         for i, fetch in enumerate(batches):
             with tracer.span("data"):
                 x, y = fetch()
@@ -109,6 +113,40 @@ class Step:
         if self.straggle is not None:
             self.straggle(t_compute)
         return self.finish(value, n, stop)
+
+    def _pipelined(self, batches, weight: float, stop, t_compute: float) -> Outcome:
+        """The step of a pipeline stage: the schedule's forwards and backwards of the
+        micro-batches (parallel.pipeline), the strategy reducing during the stage's last
+        backward; loss and samples are the last stage's (0 elsewhere)."""
+        pipe = self.stages.pipe
+        x, y = batches[0]()  # (train.accumulate = 1: the micro-batches are the pipeline's)
+        if self.precision.scaler is not None:
+            weight = self.precision.scale_tensor() * weight
+            if isinstance(self.strategy, Scaled):
+                self.strategy.loss_scale(self.precision.scale_tensor())
+        quiet = self.strategy.no_sync if isinstance(self.strategy, NoSync) else None
+        with self.precision.autocast(), trace.current().span("pipeline"):
+            loss = pipe.step(x if pipe.first else None, y if pipe.last else None, weight=weight, no_sync=quiet,
+                             reduce=False)
+        if self.straggle is not None:
+            self.straggle(t_compute)
+        out = self.finish(loss, len(y) if pipe.last else 0, stop)
+        return out if pipe.last else dataclasses.replace(out, loss=0.0)
+
+    def _sq_norm(self):
+        """The squared gradient norm clipping and an fp16 overflow see: the strategy's over
+        sharded chunks (zero), summed over a pipeline's stages; None: the optimizer's own."""
+        sharded = self.strategy.grad_sq_norm if isinstance(self.strategy, Sharded) else None
+        if self.stages is None:
+            return sharded
+        pipe = self.stages.pipe
+
+        def total():
+            local = sharded() if sharded is not None else sum(
+                float(p.grad.double().pow(2).sum()) for p in self.model.parameters()
+                if p.grad is not None and pipe.owned(p))
+            return pipe.grad_sq_norm(local)
+        return total
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=False)
@@ -136,10 +174,12 @@ class Step:
             if not nonfinite:
                 with tracer.span("reduce"):
                     self.strategy.after_backward(k)
+                    if self.stages is not None:  # gpt's embedding and head, on two stages: summed
+                        self.stages.pipe.sum_tied()
                 # clips the reduced gradient's norm (the same on every rank); an fp16 overflow
                 # skips the step on every rank
                 with tracer.span("optimizer"):
-                    sq_norm = self.strategy.grad_sq_norm if isinstance(self.strategy, Sharded) else None
+                    sq_norm = self._sq_norm()
                     overflow = not self.precision.step(self.optimizer, self.clip_norm, sq_norm)
                     if overflow and isinstance(self.strategy, Skipping):  # fp16: agreed on every rank
                         self.strategy.skip_step(k)

@@ -139,17 +139,20 @@ class Metric:
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, metric, split, world, device, batch_size: int = 256) -> dict:
+def evaluate(model, loss_fn, metric, split, world, device, batch_size: int = 256, stages=None) -> dict:
     """Collective: test loss and the task's metric (test_acc, test_mse or test_ppl) over the
-    whole split, in fp32; each rank evaluates its shard."""
+    whole split, in fp32; each rank evaluates its shard (a pipeline, `stages`: each replica
+    its shard, through the pipeline; the last stage counts)."""
     model.eval()
-    lo, hi = world.shard(split.total)
+    lo, hi = (world if stages is None else stages.data).shard(split.total)
+    last = stages is None or stages.pipe.last
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, metric: read once at the end
     for a in range(lo, hi, batch_size):
         x, y = to_device(split.take(np.arange(a, min(a + batch_size, hi))), device)
         heartbeat.tick()
-        out = model(x)
-        sums += torch.stack([loss_fn(out, y).double(), metric.batch(out, y).double()])
-    loss, value, count = world.sum(np.append(sums.cpu().numpy(), hi - lo))
+        out = model(x) if stages is None else stages.pipe.forward(x if stages.pipe.first else None)
+        if last:
+            sums += torch.stack([loss_fn(out, y).double(), metric.batch(out, y).double()])
+    loss, value, count = world.sum(np.append(sums.cpu().numpy(), hi - lo if last else 0))
     model.train()
     return {"test_loss": loss / count, metric.name: metric.row(value / count)}

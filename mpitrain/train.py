@@ -20,6 +20,7 @@ from .errors import UserError
 from .faults import (Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, signal_name,
                      stop_flag, watchdog)
 from .metrics import MetricsLog, open_tensorboard, reset as reset_metrics
+from .parallel.stages import split_model
 from .models import build_model, build_optimizer, build_schedule, model_id
 from .precision import Precision
 from .data.loader import to_device
@@ -82,6 +83,10 @@ class Job:
     metrics: MetricsLog  # rank 0 writes metrics.jsonl (and TensorBoard event files)
 
 
+def _raise(message: str):
+    raise UserError(message)
+
+
 def build(cfg: Config, world, log, resources) -> Job:
     """Collective: validate and build the job; any UserError is agreed on by all ranks."""
     threads = configure_threads(cfg.train.threads, world)
@@ -92,23 +97,33 @@ def build(cfg: Config, world, log, resources) -> Job:
     if board is not None:
         resources.callback(board.close)
     metrics = MetricsLog(run_dir / "metrics.jsonl" if world.is_root else None, board)
-    train_split, test_split, meta = hdf5.load(cfg.data, world)
+    train_split, test_split, meta = hdf5.load(cfg.data, world, replicate_test=cfg.parallel.pipeline_stages > 1)
     torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
     model = world.agree(build_model, cfg.model, meta, cfg.job_dir).to(device)
     loss = world.agree(build_loss, cfg.train.loss, meta.task, cfg.job_dir)
     # every rank: one forward of its first samples (eval mode: no statistics change) and the
     # loss on it, so a wrong output shape or a detached loss is one line, not a traceback
     world.agree(check_model_and_loss, model, loss, train_split, meta, device, model_id(cfg.model), cfg.train.loss)
-    optimizer = world.agree(build_optimizer, cfg.optim, model.parameters(), world.size)
-    t = cfg.train
+    t, stages, dp = cfg.train, None, world  # dp: the ranks the data and the strategy are spread over
+    if cfg.parallel.pipeline_stages > 1:  # this rank keeps its stage's blocks; D replicas of the pipeline
+        sample = to_device(train_split.take(np.arange(min(t.batch_size, train_split.total))), device)[0]
+        stages = split_model(model, cfg.parallel, world, sample, loss)
+        resources.callback(stages.pipe.free)
+        resources.callback(stages.data.free)
+        model, dp = stages.module, stages.data
+    optimizer = world.agree(build_optimizer, cfg.optim, model.parameters(), dp.size)
     if cfg.data.assign == "dynamic":
         sampler = DynamicSampler(world, train_split.total, t.batch_size, t.seed)
         resources.callback(sampler.close)
     else:
-        sampler = DistributedSampler(train_split.total, world.size, world.rank, t.batch_size, t.seed,
+        sampler = DistributedSampler(train_split.total, dp.size, dp.rank, t.batch_size, t.seed,
                                      shuffle_of(cfg.data))
     schedule = build_schedule(cfg.optim, optimizer, -(-sampler.steps_per_epoch // t.accumulate), t.epochs)
-    strategy = world.agree(sync.create, cfg.sync, world, log)
+    strategy = world.agree(sync.create, cfg.sync, dp, log)
+    if stages is not None and cfg.sync.strategy == "zero":
+        world.agree(lambda: stages.pipe.tied and _raise("parallel.pipeline_stages with sync.strategy = 'zero': "
+                                                        "not yet for a model whose parameters two stages share "
+                                                        "(gpt's tied embedding and head); use allreduce"))
     if device.type == "cuda" and sync.REGISTRY[cfg.sync.strategy].remote_update:  # device = "auto" found GPUs
         raise UserError(f"sync.strategy = {cfg.sync.strategy!r} keeps the parameters in host RMA windows: "
                         "set train.device = 'cpu'")
@@ -118,7 +133,7 @@ def build(cfg: Config, world, log, resources) -> Job:
     straggle = (lambda t0: inject_straggler(world, t, t0)) if t.slowdown_rank >= 0 else None
     step = Step(model, optimizer, strategy, precision, world, clip_norm=cfg.optim.clip_norm,
                 on_nonfinite=t.on_nonfinite, max_skipped=t.max_skipped, lockstep=sampler.lockstep, schedule=schedule, loss_fn=loss,
-                straggle=straggle, dog=watchdog(), log=log)
+                straggle=straggle, dog=watchdog(), log=log, stages=stages)
     return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, Metric(meta.task),
                optimizer, sampler, schedule, strategy, precision, step, metrics)
 
@@ -225,8 +240,9 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
             if job.test_split is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last):
                 # a consolidated model to evaluate; afterwards every rank trains on what it had
                 with state.consolidated(job.step), dog.phase("evaluation"), tracer.span("evaluation"):
-                    average_buffers(model, world)  # e.g. BatchNorm statistics: one model to evaluate
-                    tested = evaluate(model, job.loss, job.metric, job.test_split, world, device)
+                    average_buffers(model, getattr(strategy, "world", world))  # e.g. BatchNorm statistics
+                    tested = evaluate(model, job.loss, job.metric, job.test_split, world, device,
+                                      stages=job.step.stages)
             if tested and not math.isfinite(tested["test_loss"]):  # the same on every rank (a sum)
                 what = f"non-finite test loss after epoch {epoch + 1} (step {step})"
                 if cfg.train.on_nonfinite == "stop":

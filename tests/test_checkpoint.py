@@ -181,7 +181,8 @@ def test_pieces_written_by_every_rank_read_back_whole_and_in_slices(tmp_path, mo
     assert np.array_equal(eager["optim"]["state"]["0"]["exp_avg"], full)
     lazy = checkpoint.read(path, lazy=True)
     slab = lazy["optim"]["state"]["0"]["exp_avg"]
-    assert isinstance(slab, checkpoint.Slab) and isinstance(lazy["model"]["w"], np.ndarray)
+    assert isinstance(slab, checkpoint.Slab) and isinstance(lazy["model"]["w"], checkpoint.Slab)
+    assert isinstance(lazy["ranks"]["0"]["rng"]["torch_cpu"], np.ndarray)  # (only /model and /optim/state)
     assert np.array_equal(slab.read(11, 23), full.reshape(-1)[11:23])
     assert np.array_equal(np.asarray(slab), full)
     assert "valid" in checkpoint.describe(str(path))
@@ -217,3 +218,19 @@ def test_pieces_that_do_not_tile_their_array_are_refused():
         checkpoint.whole_crcs(tree, [[("/optim/state/0/m", 0, 0, 8)], [("/optim/state/0/m", 3, 0, 4)]])
     with pytest.raises(ValueError, match="cover 8 of 16"):
         checkpoint.whole_crcs(tree, [[("/optim/state/0/m", 0, 0, 8)]])
+
+
+def test_the_probe_runs_under_a_jobs_own_memory_cap(tmp_path, monkeypatch):
+    """Under `ulimit -v` (a hard address-space limit below the probe's own cap) the probe
+    must not fail to set its limit: that made auto-resume skip every checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    path, _ = _written_together(tmp_path, monkeypatch)
+    code = ("import resource, sys; cap = 3 * 2**30 + 2**29; resource.setrlimit(resource.RLIMIT_AS, (cap, cap)); "
+            "from pathlib import Path; from mpitrain import checkpoint; "
+            "print(checkpoint.read(Path(sys.argv[1]), isolated=True, lazy=True)['position']['step'])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}  # (not a rank)
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stdout + r.stderr[-1500:]

@@ -120,8 +120,10 @@ def _split_datasets(f: h5py.File, path: str, group: str, xname: str, yname: str)
     return x, y
 
 
-def load(cfg, world) -> tuple[Split | TokenSplit, Split | TokenSplit | None, Meta]:
-    """Collective: open cfg.path and read the train (and test) split for this rank."""
+def load(cfg, world, replicate_test: bool = False) -> tuple[Split | TokenSplit, Split | TokenSplit | None, Meta]:
+    """Collective: open cfg.path and read the train (and test) split for this rank
+    (`replicate_test`: the whole test split on every rank, for pipelines, whose stages
+    evaluate the same samples)."""
     path = cfg.path
     # agree on the cheap checks before the collective open (a missing file must not hang)
     def precheck():
@@ -137,7 +139,7 @@ def load(cfg, world) -> tuple[Split | TokenSplit, Split | TokenSplit | None, Met
     except OSError as e:
         raise AgreedError(f"{path}: cannot open HDF5 file: {e}") from None
     try:
-        splits, meta = world.agree(_load_open, f, cfg, world)
+        splits, meta = world.agree(_load_open, f, cfg, world, replicate_test)
     finally:
         f.close()
     if meta.task == "classify":
@@ -171,13 +173,13 @@ def _check_tokens(path, splits, meta, world) -> None:
         raise AgreedError(f"{path}: token ids must lie in [0, vocab_size = {meta.vocab_size}), found [{lo}, {hi}]")
 
 
-def _load_open(f, cfg, world):
+def _load_open(f, cfg, world, replicate_test: bool = False):
     groups = [(cfg.train, "train")] + ([(cfg.test, "test")] if cfg.test else [])
     for g, key in groups:
         if g not in f:
             raise UserError(f"{cfg.path}: no group {g!r} (data.{key}); found: {', '.join(sorted(f.keys()))}")
     if isinstance(f[cfg.train], h5py.Group) and "tokens" in f[cfg.train] and cfg.x not in f[cfg.train]:
-        return _load_tokens(f, cfg, world, [g for g, _ in groups])
+        return _load_tokens(f, cfg, world, [g for g, _ in groups], replicate_test)
     if cfg.seq_len:
         raise UserError(f"{cfg.path}: data.seq_len applies to token streams ({cfg.train}/tokens); "
                         f"this file has {cfg.train}/{cfg.x}: remove data.seq_len")
@@ -194,7 +196,7 @@ def _load_open(f, cfg, world):
         raise UserError(f"{cfg.path}: {n} training samples cannot be partitioned over {world.size} ranks")
     splits = [_read_split(train_x, train_y, cfg, world, replicated=cfg.mode == "replicated")]
     if test_ds:
-        splits.append(_read_split(*test_ds, cfg, world, replicated=False))
+        splits.append(_read_split(*test_ds, cfg, world, replicated=replicate_test))
     shape = tuple(train_x.shape[1:])
     if train_y.dtype.kind == "f":
         return splits, Meta(shape, task="regress", num_outputs=int(train_y.shape[1]) if train_y.ndim == 2 else 1)
@@ -204,7 +206,7 @@ def _load_open(f, cfg, world):
 MAX_VOCAB = 2**24
 
 
-def _load_tokens(f, cfg, world, groups):
+def _load_tokens(f, cfg, world, groups, replicate_test: bool = False):
     """The token-stream layout: GROUP/tokens, file attribute vocab_size."""
     raw = f.attrs.get("vocab_size")
     v = np.asarray(raw) if raw is not None else None
@@ -219,7 +221,7 @@ def _load_tokens(f, cfg, world, groups):
         if not isinstance(d, h5py.Dataset) or d.ndim != 1 or d.dtype.kind not in "iu":
             raise UserError(f"{cfg.path}: {g}/tokens must be a 1-D integer dataset, got "
                             f"{getattr(d, 'dtype', type(d).__name__)} {getattr(d, 'shape', '')}")
-        replicated = g == cfg.train and cfg.mode == "replicated"
+        replicated = (cfg.mode == "replicated") if g == cfg.train else replicate_test
         windows = (d.shape[0] - 1) // cfg.seq_len
         if windows < (1 if replicated else world.size):
             raise UserError(f"{cfg.path}: {g}/tokens has {d.shape[0]} tokens: {windows} windows of data.seq_len = "

@@ -21,6 +21,7 @@ stage's gradients are then averaged over its D replicas.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ from ..errors import UserError
 from .schedule import SCHEDULES, ScheduleError, promised, simulate
 
 ACT, GRAD = 0, 1
+EVAL = 32767  # the tag of evaluation activations (in order between two stages; MPI's least tag bound)
 
 
 class PipelineError(PeerError):
@@ -105,12 +107,18 @@ class Pipeline:
     def last(self) -> bool:
         return self.stage == self.stages - 1
 
-    def step(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> float:
+    def step(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *, weight: float | None = None,
+             no_sync=None, reduce: bool = True) -> float:
         """Collective: forward and backward of `micro_batches` micro-batches of (x, y): x
         on the first stage, y on the last (others may pass None). Gradients accumulate into
         this stage's parameters as one process's of the whole batch's mean loss would;
-        returns that loss on every stage."""
+        returns that loss on every stage. The job runner's form: `weight` multiplies each
+        micro-batch's loss (a sum over its samples; the return value is then their sum),
+        `no_sync()` wraps every backward but the stage's last (its data-parallel strategy
+        reduces during that one), and reduce = False leaves the tied parameters' sum and
+        the replicas' average to the caller (`sum_tied` after the strategy's reduction)."""
         m, comm = self.m, self.comm
+        last_backward = max((k for k, (kind, _) in enumerate(self.actions) if kind == "B"), default=-1)
         if self.broken:
             raise UserError(f"pipeline: an earlier step failed ({self.broken[:120]}): free() it and make a new one")
         inputs, outputs, pending, loss, held, k = {}, {}, [], 0.0, 0, 0
@@ -135,8 +143,9 @@ class Pipeline:
                     out = self._run(f"forward of micro-batch {i}", lambda: self.module(inp))
                     if self.last:
                         part = self._run(f"loss of micro-batch {i}", lambda: self.loss_fn(out, ys[i]))
-                        loss += float(part.detach()) * len(ys[i]) / total
-                        out = part * (len(ys[i]) / total)
+                        share = len(ys[i]) / total if weight is None else 1.0
+                        loss += float(part.detach()) * share
+                        out = part * (share if weight is None else weight)
                     else:
                         pending.append(isend(comm, out, self.stage + 1, _tag(ACT, i)))
                     inputs[i], outputs[i] = inp, out
@@ -145,7 +154,9 @@ class Pipeline:
                 else:
                     out = outputs.pop(i)
                     grad = None if self.last else recv(comm, self.stage + 1, _tag(GRAD, i))
-                    self._run(f"backward of micro-batch {i}", lambda: torch.autograd.backward(out, grad))
+                    quiet = no_sync() if no_sync is not None and k != last_backward else contextlib.nullcontext()
+                    with quiet:
+                        self._run(f"backward of micro-batch {i}", lambda: torch.autograd.backward(out, grad))
                     inp = inputs.pop(i)
                     if not self.first and inp.is_floating_point():
                         pending.append(isend(comm, inp.grad, self.stage - 1, _tag(GRAD, i)))
@@ -155,14 +166,47 @@ class Pipeline:
             self.broken = str(e)
             raise PipelineError(str(e)) from None
         # this stage's reductions start as soon as its last backward ends (the others drain on)
-        for p, group in self.tied:  # one parameter on several stages (gpt's embedding and head)
+        if reduce:
+            self.sum_tied()
+            if self.data is not None and self.data.Get_size() > 1:
+                self._average_over_replicas()
+        p2p.wait_all(pending)
+        return float(comm.bcast(loss, root=self.stages - 1))
+
+    def sum_tied(self) -> None:
+        """Collective over the stages sharing a parameter (gpt's embedding and head): each
+        copy's gradient becomes their sum."""
+        for p, group in self.tied:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             buffers.allreduce_(group, p.grad)
-        if self.data is not None and self.data.Get_size() > 1:
-            self._average_over_replicas()
-        p2p.wait_all(pending)
-        return float(comm.bcast(loss, root=self.stages - 1))
+
+    def owned(self, p: torch.nn.Parameter) -> bool:
+        """Whether this stage counts `p` (a tied parameter: only on the first stage holding
+        it), for the gradient norm and checkpoints."""
+        return all(p is not q or group.Get_rank() == 0 for q, group in self.tied)
+
+    def grad_sq_norm(self, local: float) -> float:
+        """Collective over the pipeline: the whole model's squared gradient norm from each
+        stage's `local` one (its owned parameters)."""
+        return float(buffers.allreduce_(self.comm, torch.tensor([local], dtype=torch.float64))[0])
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Collective over the pipeline: the model's output for x (given on the first
+        stage) on the last stage, None elsewhere; no gradients (evaluation)."""
+        try:
+            inp = x if self.first else recv(self.comm, self.stage - 1, EVAL)
+            out = self._run("evaluation forward", lambda: self.module(inp))
+        except (UserError, PeerError) as e:  # the next stage fails with the same line, never waits
+            if not self.last:
+                self._orphans.append(send_error(self.comm, str(e), self.stage + 1, EVAL))
+            self.broken = str(e)
+            raise PipelineError(str(e)) from None
+        if self.last:
+            return out
+        p2p.wait_all([isend(self.comm, out, self.stage + 1, EVAL)])
+        return None
 
     def _run(self, what: str, fn):
         t0 = time.perf_counter()

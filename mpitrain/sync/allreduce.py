@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..options import opt
 from . import compress
 from .base import register
+from .compress.base import CompressedState
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,15 @@ class Options:
 
 
 @register("allreduce")
-class AllreduceStrategy:
+class AllreduceStrategy(CompressedState):
     """Every step: mean of the gradients over all ranks, then the same optimizer step
     everywhere. Optimizer state stays local and identical on all ranks. The loss is
     pre-scaled by 1/global batch, so the SUM the buckets compute is already the mean.
 
-    Checkpoint state (Stateful / RankStateful): the compressors' per bucket,
-    {"compress": {"<bucket>": {...}}} — the arrays equal on every rank (PowerSGD's Q) in
-    `state_dict`, this rank's own (error-feedback residuals) in `rank_state_dict`; {}
-    where there are none (no compression, fp16/bf16)."""
+    Checkpoint state (Stateful / RankStateful, from compress.base.CompressedState): the
+    compressors' per bucket, {"compress": {"<bucket>": {...}}} — the arrays equal on every
+    rank (PowerSGD's Q) in `state_dict`, this rank's own (error-feedback residuals) in
+    `rank_state_dict`; {} where there are none (no compression, fp16/bf16)."""
 
     Options = Options
     sums_gradients = True
@@ -111,8 +112,7 @@ class AllreduceStrategy:
         for bit (residuals, PowerSGD's Q)."""
         if self.buckets.pending:  # (after an fp16 overflow the reductions are complete already)
             self.buckets.finish(step)
-        for c in self.compressors:
-            c.rollback()
+        self._rollback()
 
     def loss_scale(self, scale):
         """The fp16 loss scale of the coming backward's gradients: the compressors see them
@@ -121,50 +121,6 @@ class AllreduceStrategy:
 
     def after_step(self, step):
         self._commit()
-
-    def _commit(self):
-        for c in self.compressors:
-            c.commit()
-
-    def state_dict(self) -> dict:
-        """The compressors' state equal on every rank: {"compress": {"<bucket>": arrays}} or {}."""
-        return self._tree("state_dict")
-
-    def rank_state_dict(self) -> dict:
-        """This rank's compressor state (residuals): {"compress": {"<bucket>": arrays}} or {}."""
-        return self._tree("rank_state_dict")
-
-    def load_state_dict(self, tree: dict) -> None:
-        """After setup: the compressors' shared state; what is missing or does not fit starts
-        afresh (named in one info line on rank 0 by load_rank_state_dict, which follows)."""
-        self._fresh = self._load(tree, "load_state_dict", "its shared state (PowerSGD's Q) starts afresh")
-
-    def load_rank_state_dict(self, tree: dict | None) -> None:
-        """After load_state_dict: this rank's compressor state; None (written at another
-        world size): it stays as set up (zero residuals); what is missing or does not fit
-        starts afresh. One info line on rank 0 names what started afresh."""
-        fresh = getattr(self, "_fresh", [])
-        if tree is not None:
-            fresh += self._load(tree, "load_rank_state_dict", "error feedback starts at zero")
-        self._fresh = []
-        self._commit()
-        if fresh and self.log and self.world.is_root:
-            self.log.info(f"allreduce: the checkpoint holds no {self.options.compress.kind} state (written before "
-                          f"it was saved, or with other compress or bucket options): {'; '.join(fresh)}")
-
-    def _tree(self, method: str) -> dict:
-        per = {str(i): getattr(c, method)() for i, c in enumerate(self.compressors)}
-        per = {k: v for k, v in per.items() if v}
-        return {"compress": per} if per else {}
-
-    def _load(self, tree, method: str, fresh: str) -> list[str]:
-        """Load each bucket's part; returns what started afresh ([] if everything fit)."""
-        got = tree.get("compress", {}) if isinstance(tree, dict) else {}
-        got = got if isinstance(got, dict) else {}
-        missed = [i for i, c in enumerate(self.compressors) if not getattr(c, method)(got.get(str(i), {}))]
-        if not missed:
-            return []
-        return [f"{'bucket' if len(missed) == 1 else 'buckets'} {', '.join(map(str, missed))}: {fresh}"]
 
     def consolidated(self):
         return contextlib.nullcontext()  # the replicas never differ

@@ -17,6 +17,13 @@ model's .grad are views of it); stage 2 copies a complete bucket's gradients int
 buffer that lives only until its reduce-scatter is done (the .grad are released), at
 most two buckets in flight, so a rank holds 1/N of the gradients plus those.
 
+With `[sync.zero.compress]` (stage 1 only: every compressor gives each rank the whole
+averaged gradient, which stage 2 would not hold), a bucket's compressor (sync/compress,
+the one allreduce runs per bucket) reduces its full gradient buffer in place instead of
+the reduce-scatter, and this rank's chunk of it becomes the shard's gradient: optimizer
+memory is saved, gradient memory is not. The compressors' state is checkpointed as
+allreduce's (compress.base.CompressedState).
+
 Clipping and fp16 overflow see one global figure: the squared norm of the chunks' gradients
 summed over ranks in one scalar allreduce (inf/NaN if any rank's chunk is non-finite).
 
@@ -41,8 +48,10 @@ import torch
 from .. import checkpoint
 from ..comm import buffers, counts
 from ..comm.collectives import resolve_overlap
+from ..errors import UserError
 from ..options import opt
-from .compress.base import payload_opt
+from . import compress
+from .compress.base import CompressedState, payload_opt
 from .compress.half import HALF, chunk_counts, half_reduce_scatter
 from .base import register
 
@@ -79,6 +88,22 @@ class Options:
     offload: bool = opt(False, help="ZeRO-Offload (GPU runs): this rank's optimizer chunks, their state and "
                                     "update in host memory; the gradient chunk arrives there, the parameter "
                                     "chunk goes back to the GPU before the allgather")
+    compress: compress.Compress = opt(compress.Compress(),
+                                      help="[sync.zero.compress]: kind and that compressor's keys, as "
+                                           "[sync.allreduce.compress]; stage 1 only (each bucket's whole gradient "
+                                           "compressed and summed instead of reduce-scattered)")
+
+    def __post_init__(self):
+        kind = self.compress.kind
+        if kind == "none":
+            return
+        if self.stage != 1:
+            raise UserError(f"sync.zero.compress.kind = {kind!r} gives every rank the whole averaged gradient: "
+                            f"only with sync.zero.stage = 1 (which then saves no gradient memory)")
+        if self.payload != "fp32":
+            raise UserError(f"sync.zero.payload = {self.payload!r} is the reduce-scatter's, which "
+                            f"sync.zero.compress.kind = {kind!r} replaces: set sync.zero.payload = 'fp32' (a "
+                            f"compressor's own payload, where it has one: sync.zero.compress.payload)")
 
 
 def chunks(n: int, size: int) -> tuple[list[int], list[int]]:
@@ -134,15 +159,26 @@ class _Bucket:
 class ZeroStrategy:
     """Optimizer state (stage 1) and gradients (stage 2) sharded over the ranks; the
     parameters stay whole on every rank. Collective: setup, after_backward, after_step,
-    skip_step, grad_sq_norm, optim_state."""
+    skip_step, grad_sq_norm, optim_state. With [sync.zero.compress] (stage 1) the object
+    made is a CompressedZero (below), which also keeps its compressors' state."""
 
     Options = Options
     sums_gradients = True
     replicas_differ = False  # every rank holds the same whole parameters
 
+    def __new__(cls, options: Options, world, log=None):
+        # with a compressor: the subclass that also keeps its state (Stateful, RankStateful,
+        # Scaled); without, no strategy state at all (this class is neither)
+        if cls is ZeroStrategy and options.compress.kind != "none":
+            cls = CompressedZero
+        return super().__new__(cls)
+
     def __init__(self, options: Options, world, log=None):
         self.options, self.world, self.log = options, world, log
         self.buckets: list[_Bucket] = []
+        self.compressors: list = []  # one per bucket with [sync.zero.compress] (CompressedZero.setup)
+        self._step: int | None = None  # the step of the next reduction, for the compressors
+        self._scale: torch.Tensor | None = None  # the fp16 loss scale the compressors divide out
         self.ready = False
         self.groups: list[list[torch.nn.Parameter]] = []  # the optimizer's own parameters, per group
         self.paused = False
@@ -187,7 +223,10 @@ class ZeroStrategy:
             total = sum(b.flat.numel() for b in self.buckets)
             self.log.info(f"zero: stage {o.stage}, {len(self.buckets)} bucket{'s' if len(self.buckets) != 1 else ''} "
                           f"({total:,} values, {total / world.size:,.0f} per rank), overlap {self.overlap}"
-                          + (", optimizer in host memory (offload)" if o.offload else ""))
+                          + (", optimizer in host memory (offload)" if o.offload else "")
+                          + (f", compress {o.compress.kind} per bucket (the whole gradient on every rank: stage 1 "
+                             f"+ compression saves optimizer memory, no gradient memory)"
+                             if o.compress.kind != "none" else ""))
 
     def _unfit(self, model, optimizer) -> str | None:
         """Why this model and optimizer cannot be sharded (decided on every rank alike)."""
@@ -312,6 +351,12 @@ class ZeroStrategy:
         self._left = [len(b.params) for b in self.buckets]
         self._launched = [False] * len(self.buckets)
         self._next = 0
+        self._deferred: list[int] = []  # launched before the step's number was known (compressors)
+
+    def _in_flight(self) -> bool:
+        """Some bucket of this step is launched or complete but not finished (the same on
+        every rank: the hooks fire alike)."""
+        return any(self._launched) or any(left < len(b.params) for left, b in zip(self._left, self.buckets))
 
     def _grad_ready(self, p):
         if self.paused:
@@ -341,9 +386,13 @@ class ZeroStrategy:
 
     def _launch(self, b: int):
         bk = self.buckets[b]
+        if self.compressors and self._step is None:  # the first step: its number (reduce_'s) is known in _finish
+            self._launched[b] = True
+            self._deferred.append(b)
+            return
         if self._thread is None:  # blocking, now: stage 2 releases the bucket's gradients at once
             self._launched[b] = True
-            self._reduce_scatter(bk, self._send_buffer(bk))
+            self._reduce(b, self._send_buffer(bk))
             return
         if self.options.stage == 2 and b >= 2:  # at most two stage-2 buckets in flight
             self._wait(b - 2)
@@ -360,6 +409,29 @@ class ZeroStrategy:
         self._done[b].wait()
         if self._errors:
             raise self._errors[0]
+
+    def _reduce(self, b: int, send: torch.Tensor) -> None:
+        """Blocking: bucket b's reduction, by its compressor or by the reduce-scatter."""
+        if self.compressors:
+            self._compressed(b)
+        else:
+            self._reduce_scatter(self.buckets[b], send)
+
+    def _compressed(self, b: int) -> None:
+        """Blocking, stage 1: the bucket's compressor turns its whole gradient buffer into
+        the sum over ranks in place (seeing it unscaled: divided by the fp16 loss scale and
+        multiplied back, a power of two, so exact), then this rank's chunk of it becomes
+        the shard's gradient."""
+        bk = self.buckets[b]
+        scale = self._scale
+        if scale is not None:
+            bk.grad.div_(scale)
+        self.compressors[b].reduce_(bk.grad, self._step)
+        if scale is not None:
+            bk.grad.mul_(scale)
+        if bk.shard.grad is None:  # the user's zero_grad(set_to_none=True)
+            bk.shard.grad = torch.zeros_like(bk.shard)
+        bk.shard.grad.copy_(bk.grad[bk.lo:bk.hi])
 
     def _reduce_scatter(self, bk: _Bucket, send: torch.Tensor) -> None:
         """Blocking: rank r's chunk of the bucket's gradient summed over ranks, into its
@@ -388,15 +460,22 @@ class ZeroStrategy:
                 if event is not None:
                     torch.cuda.set_device(send.device)
                     event.synchronize()
-                self._reduce_scatter(self.buckets[b], send)
+                self._reduce(b, send)
             except BaseException as e:  # hand the failure to the training thread
                 self._errors.append(e)
             finally:
                 self._done[b].set()
 
-    def _finish(self):
-        """Complete every bucket's reduce-scatter (launching those whose hooks did not fire:
-        unused parameters); zero the stage-1 gradient buffers for the next step."""
+    def _finish(self, step: int):
+        """Complete every bucket's reduction (launching those whose hooks did not fire:
+        unused parameters, and those deferred until the first step's number was known);
+        zero the stage-1 gradient buffers for the next step, whose number is step + 1."""
+        if self._step is None:
+            self._step = step
+        deferred, self._deferred = self._deferred, []
+        for b in deferred:  # (launched in order, before any later bucket)
+            self._launched[b] = False
+            self._launch(b)
         for b in range(len(self.buckets)):
             if not self._launched[b]:
                 self._left[b] = 0
@@ -409,13 +488,16 @@ class ZeroStrategy:
             if bk.grad is not None:
                 bk.grad.zero_()
         self._reset()
+        self._step = step + 1
 
     def after_backward(self, step):
-        self._finish()
+        self._finish(step)
 
     def skip_step(self, step):
-        """A skipped step: complete the reduce-scatters backward started, apply nothing."""
-        self._finish()
+        """A skipped step: complete the reductions backward started (none are left after an
+        fp16 overflow: after_backward finished them), apply nothing."""
+        if self._in_flight():
+            self._finish(step)
 
     def grad_sq_norm(self) -> float:
         """Collective: the squared 2-norm of the whole reduced gradient (every rank's chunks;
@@ -454,3 +536,33 @@ class ZeroStrategy:
             self._thread.join()
             self._thread = None
         self.comm.Free()
+
+
+class CompressedZero(CompressedState, ZeroStrategy):
+    """zero with [sync.zero.compress] (stage 1; ZeroStrategy.__new__ picks it): each bucket's
+    compressor reduces its whole gradient buffer, and the strategy keeps the compressors'
+    state as allreduce does — checkpointed ({"compress": {"<bucket>": arrays}}, Stateful /
+    RankStateful), committed after a counted step, rolled back bit for bit on a skipped
+    one, and in the gradient's own units under fp16 loss scaling (Scaled)."""
+
+    def setup(self, model, optimizer, resources):
+        super().setup(model, optimizer, resources)
+        spec = self.options.compress
+        cls = compress.REGISTRY[spec.kind]
+        self.compressors = [cls(spec.options, bk.grad, [(o, p.shape) for p, o in zip(bk.params, bk.offsets)],
+                                self._world) for bk in self.buckets]
+        self._commit()  # a skipped step's fallback
+
+    def skip_step(self, step):
+        """Complete what backward started, then every compressor's state as before the step."""
+        super().skip_step(step)
+        self._rollback()
+
+    def after_step(self, step):
+        super().after_step(step)
+        self._commit()
+
+    def loss_scale(self, scale):
+        """The fp16 loss scale of the coming backward's gradients: the compressors see them
+        divided by it (their residuals stay in the gradient's units)."""
+        self._scale = scale

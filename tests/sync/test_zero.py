@@ -1,4 +1,5 @@
-"""ZeRO (sync.strategy = "zero"): the oracle is allreduce with the same optimizer. Buckets
+"""ZeRO (sync.strategy = "zero"): the oracle is allreduce with the same optimizer (and,
+for stage 1 with [sync.zero.compress], the same compressor on the same buckets). Buckets
 of a few hundred bytes put several parameters in one bucket, parameters across chunk
 borders and chunks of unequal sizes at 3 ranks; two parameter groups (no weight decay on
 biases) give buckets per group."""
@@ -109,10 +110,12 @@ def test_bad_stage_is_one_line():
 
 # -- checkpoints: the optimizer state in the unsharded layout, any world size, any strategy ---
 
-def _job(make_cfg, run, digits_h5, strategy, world, steps, stage=2):
+def _job(make_cfg, run, digits_h5, strategy, world, steps, stage=2, compress=None):
     """A digits MLP with Adam on a global batch of 12 at any world size (1-4), replicated
     data in one global order: the same samples per step whatever the world size."""
     options = {"stage": stage, "bucket_mb": 0.01} if strategy == "zero" else {}
+    if compress is not None:
+        options["compress"] = compress
     return make_cfg(run, digits_h5, sync={"strategy": strategy, strategy: options},
                     model={"name": "mlp", "hidden": [24]}, data={"mode": "replicated", "shuffle": "global"},
                     optim={"name": "adamw", "lr": 0.003, "weight_decay": 0.01, "clip_norm": 1.0},
@@ -172,6 +175,7 @@ def test_no_rank_holds_the_whole_optimizer_state_to_save_or_resume(world, shared
 
     written, read, trees = [], [], []
     write_pieces, slab_read, write_shell = checkpoint.write_pieces, checkpoint.Slab.read, checkpoint.write_shell
+    slab_array = checkpoint.Slab.__array__
 
     def count_writes(path, tree, placed):
         written.append(sum(a.size for _, v in checkpoint._pieces(tree) for _, a in v.pieces))
@@ -182,11 +186,14 @@ def test_no_rank_holds_the_whole_optimizer_state_to_save_or_resume(world, shared
         return write_shell(path, tree, meta, crcs)
 
     def count_reads(self, lo, hi):
-        read.append(hi - lo)
+        if self.name.startswith("/optim/"):
+            read.append(hi - lo)
         return slab_read(self, lo, hi)
 
     def whole(self, dtype=None, copy=None):
-        raise AssertionError(f"{self.name} read whole")
+        if self.name.startswith("/optim/"):  # (the model's arrays: every rank holds the whole model)
+            raise AssertionError(f"{self.name} read whole")
+        return slab_array(self, dtype, copy)
 
     monkeypatch.setattr(checkpoint, "write_pieces", count_writes)
     monkeypatch.setattr(checkpoint, "write_shell", shell)
@@ -305,3 +312,125 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_and_keeps_the_state(world, s
         for n, v in s.items():
             assert torch.equal(v, held[id(k)][n])
     opt.close()
+
+
+# -- stage 1 with [sync.zero.compress]: each bucket's compressor instead of the reduce-scatter --
+
+ONE = 4 / 2**20  # 4-byte buckets: one parameter per bucket, in zero and in allreduce alike
+COMPRESS = {"powersgd": {"kind": "powersgd", "rank": 1, "min_numel": 0}, "topk": {"kind": "topk", "ratio": 0.3},
+            "sign": {"kind": "sign"}, "fp16": {"kind": "fp16"}}
+
+
+def _compressed(kind: str, overlap: str = "none") -> tuple[dict, dict]:
+    """zero stage 1 and allreduce, each with compressor `kind` on one-parameter buckets:
+    the same compressor sees the same gradient (and draws the same PowerSGD Q) in both."""
+    table = COMPRESS[kind]
+    return ({"strategy": "zero", "zero": {"stage": 1, "bucket_mb": ONE, "overlap": overlap, "compress": table}},
+            {"strategy": "allreduce", "allreduce": {"overlap": "none", "bucket_mb": ONE, "first_bucket_mb": ONE,
+                                                    "compress": table}})
+
+
+def _one_parameter_buckets(i, model, opt, strategy, step):
+    buckets = [b.params for b in strategy.buckets] if isinstance(strategy.buckets, list) else strategy.buckets.buckets
+    assert len(buckets) == 4 and all(len(ps) == 1 for ps in buckets), buckets  # the oracle's premise
+    assert len(strategy.compressors) == 4
+
+
+@pytest.mark.parametrize("kind", sorted(COMPRESS))
+@pytest.mark.parametrize("overlap", ["thread", "none"])
+def test_stage_1_with_compression_equals_allreduce_with_it(world, kind, overlap):
+    """The compressor's whole averaged gradient, this rank's chunk of it stepped: allreduce
+    with the same compressor on the same buckets, also with clipping (the chunks' global
+    norm) and gradient accumulation; the lossy ones land away from the uncompressed run
+    (the compressor did run)."""
+    zero, plain = _compressed(kind, overlap)
+    for kw in ({}, {"clip": 0.05}, {"accumulate": 2, "optim": "adam"}):
+        want = run(world, plain, hook=_one_parameter_buckets, **kw)
+        got = run(world, zero, hook=_one_parameter_buckets, **kw)
+        np.testing.assert_allclose(got, want, rtol=OPTIMIZERS[kw.get("optim", "sgd")][1], atol=1e-7, err_msg=str(kw))
+    same = world.allgather(got)
+    assert all(np.array_equal(same[0], g) for g in same)  # whole and equal on every rank
+    if kind != "fp16":
+        dense = run(world, PLAIN, accumulate=2, optim="adam")
+        assert np.abs(got - dense).max() > 1e-4, kind
+
+
+@pytest.mark.parametrize("kind", ["powersgd", "topk"])
+def test_stage_1_compression_under_fp16_loss_scaling_equals_allreduce(world, kind):
+    """Loss scales 2^16 and 2^127 (both overflow here: the steps skipped on every rank,
+    every compressor's state rolled back bit for bit), then 1 and 2^10: the compressors see
+    the gradients unscaled and keep their state in the gradient's units, as allreduce's do."""
+    scales = {0: 2.0**127, 1: 1.0, 2: 2.0**10}  # the loss scale of step i + 1
+
+    def rescale(i, model, opt, strategy, step):
+        if i == 1:  # the overflow backed the scale off: that step was skipped
+            assert step.precision.scaler.get_scale() < 2.0**127
+        if i in scales:
+            step.precision.scaler = torch.amp.GradScaler("cpu", init_scale=scales[i], growth_interval=10**6)
+
+    zero, plain = _compressed(kind, "thread")
+    want = run(world, plain, precision="fp16", steps=5, hook=rescale)
+    got = run(world, zero, precision="fp16", steps=5, hook=rescale)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_stage_2_with_compression_and_compression_with_a_half_payload_are_one_line(world):
+    """Refused while the options are read (every rank alike, before any collective), with
+    stage 2 (also by default) and next to payload = fp16/bf16; stage 1's setup line says
+    what it saves."""
+    from mpitrain.errors import UserError
+
+    msgs = []
+    for zero in ({"stage": 2, "compress": {"kind": "powersgd"}}, {"compress": {"kind": "topk"}},
+                 {"stage": 1, "payload": "bf16", "compress": {"kind": "powersgd"}}):
+        with pytest.raises(UserError) as e:
+            config.from_dict({"sync": {"strategy": "zero", "zero": zero}}, "<test>")
+        msgs.append(str(e.value))
+    assert all("\n" not in m for m in msgs), msgs
+    assert msgs[0] == ("sync.zero.compress.kind = 'powersgd' gives every rank the whole averaged gradient: only "
+                       "with sync.zero.stage = 1 (which then saves no gradient memory)"), msgs[0]
+    assert "'topk'" in msgs[1] and "sync.zero.stage = 1" in msgs[1], msgs[1]
+    assert "sync.zero.payload = 'bf16'" in msgs[2] and "sync.zero.compress.kind = 'powersgd'" in msgs[2], msgs[2]
+    lines = []
+    log = type("Log", (), {"info": lambda self, m: lines.append(m)})()
+    spec = config.from_dict({"sync": _compressed("powersgd")[0]}).sync
+    with contextlib.ExitStack() as resources:
+        model = _model()
+        create(spec, world, log).setup(model, torch.optim.SGD(model.parameters(), lr=0.1), resources)
+    said = world.allgather([m for m in lines if m.startswith("zero:")])
+    assert len(said[0]) == 1 and all(not s for s in said[1:]), said  # rank 0 only
+    assert "compress powersgd" in said[0][0] and "no gradient memory" in said[0][0], said[0]
+
+
+@pytest.mark.timeout(300)
+def test_stage_1_with_powersgd_resumes_exactly(world, shared_tmp, digits_h5, make_cfg, monkeypatch):
+    """The compressors' state (PowerSGD's Q, every rank's error feedback) travels in the
+    checkpoint and the step count with it (start_step): a resume at the same world size
+    is bitwise the uninterrupted run; one whose compressors start afresh is not."""
+    from mpitrain import checkpoint
+    from mpitrain.sync.zero import CompressedZero
+    from mpitrain.train import train
+
+    table = {"kind": "powersgd", "rank": 1, "min_numel": 0, "start_step": 2}
+
+    def job(name, steps):
+        return _job(make_cfg, shared_tmp / name, digits_h5, "zero", world, steps, stage=1, compress=table)
+
+    _, ref = train(job("ref", 12), world, world.logger())
+    for name in ("run", "afresh"):
+        train(job(name, 5), world, world.logger())
+    world.barrier()
+    held = None
+    if world.is_root:
+        tree = checkpoint.read(checkpoint.path_for(shared_tmp / "run", 5))
+        held = (sorted(tree["strategy"].get("compress", {})),
+                [sorted(r.get("strategy", {}).get("compress", {})) for r in tree["ranks"].values()])
+    held = world.bcast(held)
+    assert held[0] and all(r == held[0] for r in held[1]) and len(held[1]) == world.size, held
+    _, got = train(job("run", 12), world, world.logger())
+    assert np.array_equal(_flat(got), _flat(ref))
+    monkeypatch.setattr(CompressedZero, "load_state_dict", lambda self, tree: None)
+    monkeypatch.setattr(CompressedZero, "load_rank_state_dict", lambda self, tree: None)
+    _, afresh = train(job("afresh", 12), world, world.logger())
+    assert not np.array_equal(_flat(afresh), _flat(ref))

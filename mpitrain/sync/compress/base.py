@@ -1,5 +1,6 @@
-"""The compressor protocol and registry: the allreduce strategy talks to gradient
-compressors only through this (as train.py talks to strategies through sync/base.py).
+"""The compressor protocol and registry: the strategies that compress (allreduce; zero
+stage 1) talk to gradient compressors only through this (as train.py talks to strategies
+through sync/base.py), and keep their compressors' checkpoint state with `CompressedState`.
 
 A compressor is, like a torch DDP comm hook, state plus a function, made once per
 gradient bucket:
@@ -60,7 +61,8 @@ Wire = list[tuple[str, float]]
 
 
 def register(name: str):
-    """Class decorator: make a compressor selectable as [sync.allreduce.compress] kind = name."""
+    """Class decorator: make a compressor selectable as [sync.allreduce.compress] (or
+    [sync.zero.compress]) kind = name."""
     def deco(cls):
         for attr in ("Options", "reduce_", "wire"):
             if not hasattr(cls, attr):
@@ -135,6 +137,70 @@ class Compressor:
         with torch.no_grad():
             for kept, t in zip(self._committed or [], self._state()):
                 t.copy_(kept)
+
+
+class CompressedState:
+    """Mixin for a strategy that runs one compressor per gradient bucket (allreduce; zero
+    stage 1): the compressors' checkpoint state (sync.base's Stateful and RankStateful)
+    and their commit / rollback. The strategy provides `compressors` (one per bucket, in
+    bucket order, the same on every rank), `options.compress`, `world`, `log` and `name`.
+
+    Trees: {"compress": {"<bucket>": arrays}}, {} where no compressor has any; the arrays
+    equal on every rank (PowerSGD's Q) in `state_dict`, this rank's own (error-feedback
+    residuals) in `rank_state_dict`. What is missing or does not fit starts afresh, named
+    in one info line on rank 0."""
+
+    compressors: list
+
+    def state_dict(self) -> dict:
+        """The compressors' state equal on every rank: {"compress": {"<bucket>": arrays}} or {}."""
+        return self._tree("state_dict")
+
+    def rank_state_dict(self) -> dict:
+        """This rank's compressor state (residuals): {"compress": {"<bucket>": arrays}} or {}."""
+        return self._tree("rank_state_dict")
+
+    def load_state_dict(self, tree: dict) -> None:
+        """After setup: the compressors' shared state; what is missing or does not fit starts
+        afresh (named in one info line on rank 0 by load_rank_state_dict, which follows)."""
+        self._fresh = self._load(tree, "load_state_dict", "its shared state (PowerSGD's Q) starts afresh")
+
+    def load_rank_state_dict(self, tree: dict | None) -> None:
+        """After load_state_dict: this rank's compressor state; None (written at another
+        world size): it stays as set up (zero residuals); what is missing or does not fit
+        starts afresh. One info line on rank 0 names what started afresh."""
+        fresh = getattr(self, "_fresh", [])
+        if tree is not None:
+            fresh += self._load(tree, "load_rank_state_dict", "error feedback starts at zero")
+        self._fresh = []
+        self._commit()
+        if fresh and self.log and self.world.is_root:
+            self.log.info(f"{self.name}: the checkpoint holds no {self.options.compress.kind} state (written "
+                          f"before it was saved, or with other compress or bucket options): {'; '.join(fresh)}")
+
+    def _commit(self) -> None:
+        """Every compressor keeps its state as it is now (after setup, a load, a counted step)."""
+        for c in self.compressors:
+            c.commit()
+
+    def _rollback(self) -> None:
+        """Every compressor's state back to the last `_commit`, bit for bit (a skipped step)."""
+        for c in self.compressors:
+            c.rollback()
+
+    def _tree(self, method: str) -> dict:
+        per = {str(i): getattr(c, method)() for i, c in enumerate(self.compressors)}
+        per = {k: v for k, v in per.items() if v}
+        return {"compress": per} if per else {}
+
+    def _load(self, tree, method: str, fresh: str) -> list[str]:
+        """Load each bucket's part; returns what started afresh ([] if everything fit)."""
+        got = tree.get("compress", {}) if isinstance(tree, dict) else {}
+        got = got if isinstance(got, dict) else {}
+        missed = [i for i, c in enumerate(self.compressors) if not getattr(c, method)(got.get(str(i), {}))]
+        if not missed:
+            return []
+        return [f"{'bucket' if len(missed) == 1 else 'buckets'} {', '.join(map(str, missed))}: {fresh}"]
 
 
 def _arrays(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, np.ndarray]:
