@@ -306,9 +306,20 @@ def progress_bar(job: Job, batches, epoch: int):
 def announce(job: Job) -> None:
     """Collective: rank 0 logs what runs where."""
     where = job.world.placement(job.threads)
+    st = job.step.stages
+    if st is not None:  # the grid, and each stage's share of the model
+        rows = job.world.gather((st.pipe.stage, st.replica, len(st.module), sum(p.numel() for p in st.module.parameters()
+                                                                                if st.owned(p))))
+        if job.world.is_root:
+            c = job.cfg.parallel
+            parts = {s: (b, n) for s, r, b, n in rows if r == 0}
+            where += (f"; grid {len(parts)} stages x {st.replicas} replicas (rank = replica x {len(parts)} + stage: a "
+                      f"pipeline's stages are consecutive ranks), {c.schedule}, {c.micro_batches} micro-batches; "
+                      + ", ".join(f"stage {s}: {b} block{'s' if b != 1 else ''}, {n:,} params"
+                                  for s, (b, n) in sorted(parts.items())))
     if job.world.is_root:
         c = job.cfg
-        n_params = sum(p.numel() for p in job.model.parameters())
+        n_params = st.total_params if st is not None else sum(p.numel() for p in job.model.parameters())
         job.log.info(f"{c.output.name}: {job.world.size} ranks x {job.threads} threads, {model_id(c.model)} "
                      f"({n_params:,} params), {c.sync.strategy}, {c.data.mode} data "
                      f"({job.train_split.total} train samples), {job.sampler.steps_per_epoch} steps/epoch")

@@ -129,3 +129,20 @@ def test_bad_layouts_are_one_agreed_line(world, shared_tmp, digits_h5, make_cfg)
     with pytest.raises(UserError, match="sync.strategy = 'ssp'"):
         make_cfg(shared_tmp / "bad", digits_h5, data={"mode": "replicated"}, parallel={"pipeline_stages": 2},
                  sync={"strategy": "ssp"})
+
+
+def test_blocks_are_a_sequence_with_parameters_in_each():
+    import torch
+
+    from mpitrain.parallel.stages import blocks_of
+
+    seq = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2),
+                              torch.nn.Softmax(-1))
+    blocks = blocks_of(seq)
+    assert len(blocks) == 2 and all(any(True for _ in b.parameters()) for b in blocks)
+    x = torch.randn(3, 2, 2)
+    assert torch.equal(blocks[1](blocks[0](x)), seq(x))  # the same function, block by block
+    with pytest.raises(UserError, match="not a sequence of blocks"):
+        blocks_of(torch.nn.Linear(3, 3))
+    with pytest.raises(UserError, match="no parameters"):
+        blocks_of(torch.nn.Sequential(torch.nn.ReLU()))

@@ -56,6 +56,7 @@ class Stages:
     names: dict
     index: dict
     total: int
+    total_params: int  # values in the whole model
 
     @property
     def module(self) -> torch.nn.Module:
@@ -101,4 +102,4 @@ def split_model(model: torch.nn.Module, cfg, world, sample: torch.Tensor, loss_f
     data = World.create(data_comm)
     data.parent, data.direct_cuda = world, world.direct_cuda
     data_comm.Free()
-    return Stages(pipe, data, data.rank, data.size, names, index, len(params))
+    return Stages(pipe, data, data.rank, data.size, names, index, len(params), sum(p.numel() for p in params))
