@@ -18,6 +18,10 @@ def __getattr__(name):  # lazy: `import mpitrain` stays cheap and does not initi
         from .parallel.pipeline import pipeline
 
         return pipeline
+    if name == "load_model":
+        from .export import load_model
+
+        return load_model
     if name in ("init", "distribute", "Loader", "save", "restore", "DistributedOptimizer"):
         from . import api
 

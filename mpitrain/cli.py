@@ -52,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     ip = sub.add_parser("inspect", help="what a checkpoint holds and whether its checksums match")
     ip.add_argument("checkpoint")
 
+    xp = sub.add_parser("export", help="a checkpoint's model as a safetensors file (mpitrain.load_model reads it)")
+    xp.add_argument("source", help="a checkpoint, or a run folder (its newest valid checkpoint)")
+    xp.add_argument("--out", required=True, help="the .safetensors file to write")
+    xp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sp = sub.add_parser("sample", help="text from a language model's checkpoint (only the text on stdout)")
+    sp.add_argument("source", help="a checkpoint, or a run folder (its newest valid checkpoint)")
+    sp.add_argument("--prompt", default="", help="text to continue (default: a new line)")
+    sp.add_argument("--tokens", type=int, default=200, help="tokens to generate (default 200)")
+    sp.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative (default 1)")
+    sp.add_argument("--top-k", type=int, default=0, help="draw from the k most likely tokens only (0: all)")
+    sp.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+
     d = sub.add_parser("data", help="prepare data sets as HDF5").add_subparsers(dest="what", required=True)
     dg = d.add_parser("digits", help="scikit-learn's bundled UCI digits -> data/digits/digits.h5")
     dg.add_argument("--out", default="data/digits/digits.h5")
@@ -213,6 +225,16 @@ def _run(args, world, log) -> None:
         msg = world.on_root(checkpoint.describe, args.checkpoint)
         if world.is_root:
             print(msg)
+    elif args.cmd in ("export", "sample"):
+        from . import export
+
+        if args.cmd == "export":
+            msg = world.on_root(export.export, args.source, args.out, args.force)
+        else:
+            msg = world.on_root(export.sample, args.source, args.prompt, args.tokens, args.temperature, args.top_k,
+                                args.seed)
+        if world.is_root:
+            print(msg)  # (sample: the text alone; logs go to stderr)
     elif args.cmd == "bench":
         from . import bench
 

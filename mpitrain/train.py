@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import time
@@ -81,6 +83,7 @@ class Job:
     precision: Precision
     step: Step  # the training step: the components above, put together
     metrics: MetricsLog  # rank 0 writes metrics.jsonl (and TensorBoard event files)
+    meta: hdf5.Meta  # what the data says about the model (input shape, classes, vocabulary)
 
 
 def _raise(message: str):
@@ -135,7 +138,7 @@ def build(cfg: Config, world, log, resources) -> Job:
                 on_nonfinite=t.on_nonfinite, max_skipped=t.max_skipped, lockstep=sampler.lockstep, schedule=schedule, loss_fn=loss,
                 straggle=straggle, dog=watchdog(), log=log, stages=stages)
     return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, Metric(meta.task),
-               optimizer, sampler, schedule, strategy, precision, step, metrics)
+               optimizer, sampler, schedule, strategy, precision, step, metrics, meta)
 
 
 def train(cfg: Config, world, log) -> tuple[dict, torch.nn.Module | None]:
@@ -279,7 +282,9 @@ def save(job: Job, here: state.Position) -> str:
     """Collective: the job's checkpoint at `here` in the run folder (the newest
     output.keep are kept)."""
     return state.save(checkpoint.path_for(job.run_dir, here.step), job.step, here,
-                      {"model": model_id(job.cfg.model), "config": job.cfg.dumps()}, job.log, job.cfg.output.keep)
+                      {"model": model_id(job.cfg.model), "config": job.cfg.dumps(),
+                       "data": json.dumps(dataclasses.asdict(job.meta)), "job_dir": job.cfg.job_dir},
+                      job.log, job.cfg.output.keep)
 
 
 def epoch_row(job: Job, epoch: int, step: int, train_time: float, sums: list) -> dict:

@@ -67,6 +67,8 @@ class Meta:
     task: str = "classify"  # classify | regress | lm
     num_outputs: int = 0  # regress: target width (1 for (N,) targets)
     vocab_size: int = 0  # lm
+    level: str = ""  # lm: "char" or "byte" (mpitrain data text)
+    vocab: str = ""  # lm, char level: the characters, a token being an index into it
 
     def factory_kwargs(self) -> dict:
         """What a model factory is called with besides [model.args]."""
@@ -233,7 +235,9 @@ def _load_tokens(f, cfg, world, groups, replicate_test: bool = False):
         collective = (windows // world.size if not replicated else windows) * cfg.seq_len >= n_reads
         tokens = _read_rows(d, lo * cfg.seq_len, hi * cfg.seq_len + 1, n_reads, collective).astype(np.int64)
         splits.append(TokenSplit(tokens, lo, windows, cfg.seq_len))
-    return splits, Meta((cfg.seq_len,), task="lm", vocab_size=int(v))
+    level, vocab = f.attrs.get("level", ""), f.attrs.get("vocab", "")
+    level, vocab = (x.decode() if isinstance(x, bytes) else str(x) for x in (level, vocab))
+    return splits, Meta((cfg.seq_len,), task="lm", vocab_size=int(v), level=level, vocab=vocab)
 
 
 MAX_CLASSES = 2**20
