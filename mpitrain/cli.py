@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     xp.add_argument("source", help="a checkpoint, or a run folder (its newest valid checkpoint)")
     xp.add_argument("--out", required=True, help="the .safetensors file to write")
     xp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ep = sub.add_parser("evaluate", help="a checkpoint's model on a split: test_loss, test_acc / mse / ppl; "
+                                         "per-class table and confusion matrix (run under mpiexec: any world size)")
+    ep.add_argument("source", help="a checkpoint, or a run folder (its newest valid checkpoint)")
+    ep.add_argument("--data", default="", help="another HDF5 file (default: the job's data.path)")
+    ep.add_argument("--split", default="test", help="the HDF5 group to evaluate (default: test)")
+    ep.add_argument("--png", default="", help="write the confusion matrix here (classification)")
+    ep.add_argument("--force", action="store_true", help="replace --png if it exists")
     sp = sub.add_parser("sample", help="text from a language model's checkpoint (only the text on stdout)")
     sp.add_argument("source", help="a checkpoint, or a run folder (its newest valid checkpoint)")
     sp.add_argument("--prompt", default="", help="text to continue (default: a new line)")
@@ -225,6 +232,10 @@ def _run(args, world, log) -> None:
         msg = world.on_root(checkpoint.describe, args.checkpoint)
         if world.is_root:
             print(msg)
+    elif args.cmd == "evaluate":
+        from . import evaluation
+
+        evaluation.run(args, world, log)
     elif args.cmd in ("export", "sample"):
         from . import export
 

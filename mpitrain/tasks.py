@@ -139,20 +139,29 @@ class Metric:
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, metric, split, world, device, batch_size: int = 256, stages=None) -> dict:
+def evaluate(model, loss_fn, metric, split, world, device, batch_size: int = 256, stages=None,
+             classes: int = 0) -> dict:
     """Collective: test loss and the task's metric (test_acc, test_mse or test_ppl) over the
     whole split, in fp32; each rank evaluates its shard (a pipeline, `stages`: each replica
-    its shard, through the pipeline; the last stage counts)."""
+    its shard, through the pipeline; the last stage counts). `classes` > 0 (classification):
+    also "confusion", the (true, predicted) counts over the whole split."""
     model.eval()
     lo, hi = (world if stages is None else stages.data).shard(split.total)
     last = stages is None or stages.pipe.last
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, metric: read once at the end
+    pairs = torch.zeros(classes * classes, dtype=torch.float64, device=device)
     for a in range(lo, hi, batch_size):
         x, y = to_device(split.take(np.arange(a, min(a + batch_size, hi))), device)
         heartbeat.tick()
         out = model(x) if stages is None else stages.pipe.forward(x if stages.pipe.first else None)
         if last:
             sums += torch.stack([loss_fn(out, y).double(), metric.batch(out, y).double()])
-    loss, value, count = world.sum(np.append(sums.cpu().numpy(), hi - lo if last else 0))
+            if classes:
+                pairs += torch.bincount(y * classes + out.argmax(-1), minlength=classes * classes).double()
+    total = world.sum(np.concatenate([sums.cpu().numpy(), [hi - lo if last else 0], pairs.cpu().numpy()]))
+    loss, value, count = total[:3]
     model.train()
-    return {"test_loss": loss / count, metric.name: metric.row(value / count)}
+    row = {"test_loss": loss / count, metric.name: metric.row(value / count)}
+    if classes:
+        row["confusion"] = total[3:].reshape(classes, classes).astype(np.int64)
+    return row

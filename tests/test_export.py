@@ -138,3 +138,42 @@ def test_what_cannot_be_exported_or_sampled_is_one_line(world, shared_tmp, digit
             mpitrain.load_model(str(bad))
         assert checkpoint.list_checkpoints(run)
     _on_root(world, check)
+
+
+@pytest.mark.timeout(240)
+def test_evaluate_gives_what_training_logged(world, shared_tmp, digits_h5, chars_h5, make_cfg, capfd):
+    """`mpitrain evaluate` of the final checkpoint at the training's world size: the
+    metrics row's test_loss and test_acc exactly; a PNG; another vocabulary is one line."""
+    import argparse
+
+    from mpitrain import evaluation
+    from mpitrain.errors import AgreedError
+
+    run = shared_tmp / "ev"
+    train(make_cfg(run, digits_h5, train={"max_steps": 6}), world, world.logger())
+    png = shared_tmp / "cm.png"
+    args = argparse.Namespace(source=str(run), data="", split="test", png=str(png), force=False)
+    capfd.readouterr()
+    evaluation.run(args, world, world.logger())
+    out = [ln for ln in capfd.readouterr().out.splitlines() if ln.strip()]
+
+    def check():
+        got = json.loads(out[0])
+        logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        assert got["test_loss"] == logged["test_loss"] and got["test_acc"] == logged["test_acc"], (got, logged)
+        assert got["step"] == 6 and out[1].split() == ["class", "samples", "recall", "precision"]
+        assert png.stat().st_size > 1000
+    _on_root(world, check)
+    with pytest.raises((UserError, AgreedError), match="exists"):
+        evaluation.run(args, world, world.logger())
+    lm = shared_tmp / "lm2"
+    train(make_cfg(lm, chars_h5, model={"name": "gpt", "args": {"n_layer": 1, "n_head": 2, "n_embd": 8}},
+                   data={"seq_len": 8, "mode": "replicated"}, train={"max_steps": 1, "batch_size": 4}),
+          world, world.logger())
+    other = argparse.Namespace(source=str(lm), data=str(digits_h5), split="test", png="", force=False)
+    with pytest.raises(AgreedError) as e:
+        evaluation.run(other, world, world.logger())
+    assert "\n" not in str(e.value)
+    nosplit = argparse.Namespace(source=str(run), data="", split="nope", png="", force=False)
+    with pytest.raises(AgreedError, match="nope"):
+        evaluation.run(nosplit, world, world.logger())
