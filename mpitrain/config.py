@@ -43,6 +43,10 @@ class DataCfg:
                         help="auto = global when replicated, shard when partitioned")
     read_chunk: int = _opt(65536, gt=0, max=2**31 - 1, help="samples (tokens) per collective HDF5 read")
     seq_len: int = _opt(0, min=0, max=2**20, help="token streams: tokens per sample (window); required there")
+    window_offset: str = _opt("random", choices=("random", "fixed"),
+                              help="token streams: random = each epoch's training windows start at a new seeded "
+                                   "offset in [0, seq_len) (every token a target once per epoch); fixed = the "
+                                   "same windows every epoch")
     check_finite: bool = _opt(True, help="reject NaN/inf inputs when loading (one pass over the data)")
     assign: str = _opt("static", choices=("static", "dynamic"),
                        help="dynamic: batches claimed first come, first served (async + replicated only)")

@@ -216,6 +216,9 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
         if step >= max_steps:
             break
         t_epoch, first_step, sent = time.perf_counter(), step, world.bytes_sent()
+        if isinstance(job.train_split, hdf5.TokenSplit):  # this epoch's windows (data.window_offset)
+            job.train_split.seed = cfg.train.seed
+            job.train_split.set_epoch(epoch)
         loss_sum, local, counted, skipped = 0.0, 0, 0, 0
         done = pos.samples_in_epoch if epoch == pos.epoch else 0  # global samples of this epoch
         for group in progress_bar(job, micro_batches(sampler.epoch(epoch, done), cfg.train.accumulate), epoch):

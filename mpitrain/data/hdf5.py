@@ -3,7 +3,10 @@
 Two layouts. Samples: `GROUP/x` (N, ...) with `GROUP/y` integer labels (N,) (classification)
 or float targets (N,) / (N, k) (regression). Token streams: `GROUP/tokens` (T,) integer ids
 with a file attribute `vocab_size` (next-token language modelling); sample i is the window
-of tokens [i*L, i*L + L + 1) for L = data.seq_len, so an epoch covers the stream once.
+of tokens [s + i*L, s + i*L + L + 1) for L = data.seq_len, so an epoch covers the stream
+once; s = 0 for the test split, and for the training split a shift drawn per epoch from
+the seed (data.window_offset = "random": each epoch's windows differ, every token of
+[s, s + n*L) is a target once) or 0 ("fixed").
 
 Reads are collective (`driver="mpio"`, `dset.collective`), in chunks of `read_chunk`
 samples (tokens), and every rank issues the same number of reads. Shapes, dtypes and label
@@ -40,17 +43,26 @@ class Split:
 
 @dataclass
 class TokenSplit:
-    """Windows of a token stream: sample i is tokens [i*L, i*L + L + 1) (inputs: the first
-    L, targets: the last L). This rank holds the tokens of windows [offset, offset + n),
-    i.e. its contiguous token range plus one token of overlap."""
+    """Windows of a token stream: sample i is tokens [s + i*L, s + i*L + L + 1) (inputs: the
+    first L, targets: the last L) for the epoch's shift s (0 <= s < `shifts`; `set_epoch`).
+    This rank holds the tokens of windows [offset, offset + n), i.e. its contiguous token
+    range plus `shifts` tokens of overlap."""
 
     tokens: np.ndarray  # int64
     offset: int  # first window held
     total: int  # windows in the whole split
     seq_len: int
+    shifts: int = 1  # 1: the same windows every epoch; seq_len: a new offset per epoch
+    seed: int = 0
+    shift: int = 0  # this epoch's
+
+    def set_epoch(self, epoch: int) -> int:
+        """This epoch's windows: a shift drawn from (seed, epoch), the same on every rank."""
+        self.shift = int(np.random.default_rng([self.seed, epoch, 7]).integers(self.shifts)) if self.shifts > 1 else 0
+        return self.shift
 
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        starts = (np.asarray(idx, dtype=np.int64) - self.offset) * self.seq_len
+        starts = (np.asarray(idx, dtype=np.int64) - self.offset) * self.seq_len + self.shift
         w = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
         return w[:, :-1], w[:, 1:]
 
@@ -224,7 +236,9 @@ def _load_tokens(f, cfg, world, groups, replicate_test: bool = False):
             raise UserError(f"{cfg.path}: {g}/tokens must be a 1-D integer dataset, got "
                             f"{getattr(d, 'dtype', type(d).__name__)} {getattr(d, 'shape', '')}")
         replicated = (cfg.mode == "replicated") if g == cfg.train else replicate_test
-        windows = (d.shape[0] - 1) // cfg.seq_len
+        # training windows at a new offset each epoch: room for a shift of up to seq_len - 1
+        shifts = cfg.seq_len if g == cfg.train and cfg.window_offset == "random" else 1
+        windows = (d.shape[0] - shifts) // cfg.seq_len
         if windows < (1 if replicated else world.size):
             raise UserError(f"{cfg.path}: {g}/tokens has {d.shape[0]} tokens: {windows} windows of data.seq_len = "
                             f"{cfg.seq_len} (+1), fewer than the {1 if replicated else world.size} "
@@ -233,8 +247,8 @@ def _load_tokens(f, cfg, world, groups, replicate_test: bool = False):
         span = windows if replicated else math.ceil(windows / world.size)
         n_reads = max(1, math.ceil(span * cfg.seq_len / cfg.read_chunk))
         collective = (windows // world.size if not replicated else windows) * cfg.seq_len >= n_reads
-        tokens = _read_rows(d, lo * cfg.seq_len, hi * cfg.seq_len + 1, n_reads, collective).astype(np.int64)
-        splits.append(TokenSplit(tokens, lo, windows, cfg.seq_len))
+        tokens = _read_rows(d, lo * cfg.seq_len, hi * cfg.seq_len + shifts, n_reads, collective).astype(np.int64)
+        splits.append(TokenSplit(tokens, lo, windows, cfg.seq_len, shifts))
     level, vocab = f.attrs.get("level", ""), f.attrs.get("vocab", "")
     level, vocab = (x.decode() if isinstance(x, bytes) else str(x) for x in (level, vocab))
     return splits, Meta((cfg.seq_len,), task="lm", vocab_size=int(v), level=level, vocab=vocab)

@@ -36,7 +36,8 @@ def stream(world, shared_tmp):
 def test_windows_cover_the_stream_once(world, stream, mode):
     path, train, test = stream
     L = 7
-    split, test_split, meta = hdf5.load(DataCfg(path=str(path), seq_len=L, mode=mode, read_chunk=13), world)
+    split, test_split, meta = hdf5.load(DataCfg(path=str(path), seq_len=L, mode=mode, read_chunk=13,
+                                                window_offset="fixed"), world)
     n = (len(train) - 1) // L
     assert meta.task == "lm" and meta.vocab_size == 50 and meta.input_shape == (L,)
     assert split.total == n and test_split.total == (len(test) - 1) // L
@@ -49,6 +50,38 @@ def test_windows_cover_the_stream_once(world, stream, mode):
     tlo, thi = shard_bounds(test_split.total, world.size, world.rank)
     tx, _ = test_split.take(np.arange(tlo, thi))
     assert world.sum(len(tx)) == test_split.total
+
+
+@pytest.mark.parametrize("mode", ["partitioned", "replicated"])
+def test_each_epoch_draws_new_windows_and_every_token_is_a_target_once(world, shared_tmp, mode):
+    """data.window_offset = "random": epoch e's windows start at a seeded shift s_e in
+    [0, L), the same on every rank; each rank still reads only its range (+ L tokens), and
+    over the ranks every token of [s_e + 1, s_e + n L] is a target exactly once."""
+    path = shared_tmp / "pos.h5"
+    T, L = 1003, 8
+    if world.is_root:
+        write_tokens(path, np.arange(T) % 50, vocab_size=50, dtype=np.uint16)  # (position mod 50)
+        with h5py.File(path, "a") as f:
+            del f["train/tokens"]
+            f["train/tokens"] = np.arange(T, dtype=np.int32)  # a token is its own position
+            f.attrs["vocab_size"] = T
+    world.barrier()
+    split, _, _ = hdf5.load(DataCfg(path=str(path), seq_len=L, mode=mode, test="", read_chunk=50), world)
+    n = (T - L) // L
+    lo, hi = (0, n) if mode == "replicated" else shard_bounds(n, world.size, world.rank)
+    assert split.total == n and len(split.tokens) == (hi - lo) * L + L  # its range + L tokens of overlap
+    shifts = []
+    for epoch in range(6):
+        split.seed = 3
+        s = split.set_epoch(epoch)
+        shifts.append(s)
+        x, y = split.take(np.arange(lo, hi))
+        assert np.array_equal(x[:, 0], s + np.arange(lo, hi) * L) and np.array_equal(y, x + 1)
+        mine = y.reshape(-1) if mode == "partitioned" or world.is_root else np.zeros(0, np.int64)
+        every = np.sort(np.concatenate(world.allgather(mine)))
+        assert np.array_equal(every, np.arange(s + 1, s + n * L + 1))  # each a target exactly once
+    assert len(set(shifts)) > 1 and all(0 <= s < L for s in shifts)
+    assert world.allgather(shifts) == [shifts] * world.size  # the same windows on every rank
 
 
 def test_float_targets_are_regression(world, shared_tmp):
