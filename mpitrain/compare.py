@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import config
 from .errors import UserError
+from .progress import bar
 from .report import check_target
 from .train import train
 
@@ -75,7 +76,7 @@ def train_each(spec: CompareSpec, world, log, overrides=()) -> list:
                                                 f"output.dir={spec.run_dir(name)}", f"output.name={name}"])
             for name, extra in spec.runs]
     level = log.level
-    for cfg in cfgs:
+    for cfg in bar(cfgs, desc=spec.title or "compare", unit="run", show=world.is_root):
         if world.is_root:
             log.info(f"{spec.title}: {cfg.output.name} ({cfg.sync.strategy})")
         log.setLevel(logging.WARNING)

@@ -65,7 +65,7 @@ def run(args, world, log) -> None:
     model, loss = world.agree(build)
     metric = Metric(meta.task)
     classes = meta.num_classes if meta.task == "classify" else 0
-    row = evaluate(model, loss, metric, split, world, device, classes=classes)
+    row = evaluate(model, loss, metric, split, world, device, classes=classes, progress=True)
     if not world.is_root:
         return
     confusion = row.pop("confusion", None)

@@ -22,6 +22,7 @@ from .callables import resolve
 from .comm import heartbeat
 from .data.loader import to_device
 from .errors import UserError
+from .progress import bar
 
 LOSSES = {"classify": ("cross_entropy", "mse"), "regress": ("mse",), "lm": ("cross_entropy",)}
 WHAT = {"classify": "integer class labels", "regress": "float targets", "lm": "a token stream"}
@@ -140,7 +141,7 @@ class Metric:
 
 @torch.no_grad()
 def evaluate(model, loss_fn, metric, split, world, device, batch_size: int = 256, stages=None,
-             classes: int = 0) -> dict:
+             classes: int = 0, progress: bool = False) -> dict:
     """Collective: test loss and the task's metric (test_acc, test_mse or test_ppl) over the
     whole split, in fp32; each rank evaluates its shard (a pipeline, `stages`: each replica
     its shard, through the pipeline; the last stage counts). `classes` > 0 (classification):
@@ -150,7 +151,7 @@ def evaluate(model, loss_fn, metric, split, world, device, batch_size: int = 256
     last = stages is None or stages.pipe.last
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, metric: read once at the end
     pairs = torch.zeros(classes * classes, dtype=torch.float64, device=device)
-    for a in range(lo, hi, batch_size):
+    for a in bar(range(lo, hi, batch_size), desc="evaluation", unit="batch", show=progress and world.is_root):
         x, y = to_device(split.take(np.arange(a, min(a + batch_size, hi))), device)
         heartbeat.tick()
         out = model(x) if stages is None else stages.pipe.forward(x if stages.pipe.first else None)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import checkpoint, files, state, sync, trace
 from .config import Config
@@ -25,6 +24,7 @@ from .metrics import MetricsLog, open_tensorboard, reset as reset_metrics
 from .parallel.stages import split_model
 from .models import build_model, build_optimizer, build_schedule, model_id
 from .precision import Precision
+from .progress import bar
 from .data.loader import to_device
 from .step import Step, micro_batches
 from .sync.helpers import average_buffers
@@ -305,10 +305,8 @@ def epoch_row(job: Job, epoch: int, step: int, train_time: float, sums: list) ->
 
 def progress_bar(job: Job, batches, epoch: int):
     """The epoch's batches, with a tqdm bar on rank 0 (off without a TTY or progress = false)."""
-    show = job.world.is_root and job.cfg.train.progress
-    return tqdm(batches, total=-(-job.sampler.steps_per_epoch // job.cfg.train.accumulate), leave=False,
-                dynamic_ncols=True,
-                disable=None if show else True, desc=f"epoch {epoch + 1}/{job.cfg.train.epochs}")
+    return bar(batches, total=-(-job.sampler.steps_per_epoch // job.cfg.train.accumulate), unit="step",
+               show=job.world.is_root and job.cfg.train.progress, desc=f"epoch {epoch + 1}/{job.cfg.train.epochs}")
 
 
 def announce(job: Job) -> None:

@@ -27,6 +27,7 @@ from .. import config, train
 from ..faults import collective_cleanup
 from .e2e import groups, mpitrain_step
 from .timing import header
+from ..progress import bar
 
 VARIANTS = {"allreduce": ["sync.strategy=allreduce"],
             "zero-1": ["sync.strategy=zero", "sync.zero.stage=1"],
@@ -116,7 +117,8 @@ def run(args, world, log) -> None:
     header(world, "memory", train.configure_threads(0, world))
     tmp = world.bcast(tempfile.mkdtemp(prefix="mpitrain-bench-memory-") if world.is_root else None)
     try:
-        got = {n: _measure(args, world, log, n, tmp) for n in names}
+        got = {n: _measure(args, world, log, n, tmp) for n in bar(names, desc="bench memory", unit="variant",
+                                                                  show=world.is_root)}
     finally:
         world.barrier()
         if world.is_root:

@@ -12,6 +12,7 @@ import numpy as np
 from numpy.lib import format as fmt
 
 from ..errors import UserError
+from ..progress import bar
 from .write import _attrs, serial_file, write_parallel, write_serial
 
 CHUNK_BYTES = 64 << 20  # bytes of a member read at a time
@@ -295,5 +296,5 @@ def _put(f, split: str, name: str, src: _Member, dtype, n: int, blocks, scale=No
     ds = f.create_dataset(f"{split}/{name}", shape=(n, *src.shape[1:]), dtype=dtype)
     if name == "x" and scale is not None:
         ds.attrs["scale"] = scale
-    for lo, b in blocks:
+    for lo, b in bar(blocks, desc=f"{split}/{name}", unit="block"):
         ds[lo:lo + len(b)] = b.astype(dtype, copy=False)

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import files
 from ..errors import UserError
+from ..progress import bar
 from .write import _attrs, serial_file
 
 CHUNK = 16 << 20  # bytes read at a time
@@ -63,7 +64,7 @@ def prepare(src: str, out: str, level: str = "char", test_fraction: float = 0.1,
             parts.append((f.create_dataset("test/tokens", shape=(n_test,), dtype=dtype), n_train, n))
         tokens = _chars(path, chunk_size, vocab, dtype) if vocab is not None else _bytes(path, chunk_size)
         pos = 0
-        for t in tokens:
+        for t in bar(tokens, desc=f"{path.name} -> tokens", unit="chunk"):
             end = pos + len(t)
             if end > n:
                 raise UserError(f"{src}: changed while it was being read; run again")
