@@ -393,20 +393,29 @@ def write(path: Path, tree: dict, meta: dict) -> float:
         f.flush()
         image = f.id.get_file_image()
     tmp = _temporary(path)
+
+    def put(fh):
+        view = memoryview(image)
+        for at in range(0, len(view), CHUNK):  # the watchdog sees a long write progress
+            fh.write(view[at:at + CHUNK])
+            heartbeat.tick()
+        fh.write(_trailer(image))
+    _land(tmp, path, lambda: os.fdopen(files.open_fd(tmp), "wb"), put)
+    return time.perf_counter() - t0
+
+
+def _land(tmp: Path, path: Path, opener, put) -> None:
+    """put(file) into the temporary file, flush, fsync and rename it to `path` (atomic);
+    on an OSError the temporary file is removed and the error raised."""
     try:
-        with os.fdopen(files.open_fd(tmp), "wb") as fh:
-            view = memoryview(image)
-            for at in range(0, len(view), CHUNK):  # the watchdog sees a long write progress
-                fh.write(view[at:at + CHUNK])
-                heartbeat.tick()
-            fh.write(_trailer(image))
+        with opener() as fh:
+            put(fh)
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(path)
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    return time.perf_counter() - t0
 
 
 # -- a checkpoint written by every rank (zero): shell, pieces, block digests, seal ----------
@@ -510,16 +519,8 @@ def seal(path: Path, digests: dict[int, bytes]) -> None:
     rename it to `path`."""
     tmp = path.with_name(path.name + ".tmp")
     table = b"".join(digests[i] for i in range(len(digests)))
-    try:
-        with open(tmp, "ab") as fh:
-            fh.write(table + BLOCKS + b"%016x %016x " % (BLOCK, len(digests))
-                     + hashlib.sha256(table).hexdigest().encode() + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+    _land(tmp, path, lambda: open(tmp, "ab"), lambda fh: fh.write(
+        table + BLOCKS + b"%016x %016x " % (BLOCK, len(digests)) + hashlib.sha256(table).hexdigest().encode() + b"\n"))
 
 
 def read(path: Path, isolated: bool = False, lazy: bool = False, verified: int | None = None) -> dict:
