@@ -128,6 +128,8 @@ class ParallelCfg:
                          help="1f1b holds at most P - stage micro-batches of activations, gpipe all m")
     split: tuple[int, ...] = _opt((), help="blocks per stage by hand, e.g. [2, 3] (empty: balanced by "
                                            "each block's measured forward + backward time)")
+    tensor: int = _opt(1, min=1, help="T: the built-in gpt's heads, MLP width and vocabulary split over T "
+                                      "consecutive ranks (tensor parallelism; D = ranks / T replicas)")
 
 
 @dataclass(frozen=True)
@@ -329,6 +331,22 @@ def _cross_checks(cfg: Config, where: str) -> None:
                             f"{cfg.train.batch_size} samples of a replica's batch (train.batch_size)")
     elif pp.split:
         raise UserError(f"{where}: parallel.split = {list(pp.split)} without parallel.pipeline_stages > 1")
+    if pp.tensor > 1:
+        if pp.pipeline_stages > 1:
+            raise UserError(f"{where}: parallel.tensor with parallel.pipeline_stages: not yet (the 3-D grid); "
+                            "use one of them")
+        if cfg.model.factory or cfg.model.name != "gpt":
+            raise UserError(f"{where}: parallel.tensor = {pp.tensor}: the model needs tensor-parallel layers; "
+                            f"the built-in gpt has them (model.name = 'gpt'), {cfg.model.factory or cfg.model.name!r} "
+                            "does not")
+        if cfg.sync.strategy != "allreduce" or cfg.sync.options.compress.kind not in PIPELINE_COMPRESS:
+            raise UserError(f"{where}: parallel.tensor = {pp.tensor}: the replicas average gradients with "
+                            f"sync.strategy = 'allreduce' (compress.kind {', '.join(PIPELINE_COMPRESS)}); not yet "
+                            f"{cfg.sync.strategy!r}" + (f" with {cfg.sync.options.compress.kind!r}"
+                                                        if cfg.sync.strategy == "allreduce" else ""))
+        if d.mode != "replicated" or d.assign == "dynamic":
+            raise UserError(f"{where}: parallel.tensor = {pp.tensor} needs data.mode = 'replicated' (the tensor "
+                            "ranks of a replica read the same batch)")
     if d.shuffle == "global" and d.mode == "partitioned":
         raise UserError(f"{where}: data.shuffle = 'global' needs data.mode = 'replicated' "
                         "(partitioned ranks hold only their shard; use 'shard')")

@@ -202,8 +202,8 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
         shared = _strategy_state(strategy)
         # pieces every rank writes its own of (no rank holds them all), in the unsharded layout:
         # a pipeline stage's tensors by their names in the whole model; zero's optimizer chunks
-        if step.stages is not None:
-            mine = _stage_parts(step)
+        if step.stages is not None or step.tensor is not None:
+            mine = _stage_parts(step) if step.stages is not None else _tensor_parts(step)
             skeletons = world.gather(_skeleton(mine))
         elif isinstance(strategy, Sharded):
             mine, skeletons = {"optim": strategy.optim_state(step.optimizer)}, None
@@ -225,7 +225,7 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
                 tree["model"] = whole.get("model", {})
                 tree["optim"] = {"state": whole.get("optim", {}).get("state", {}),
                                  "param_groups": json.dumps([{**{k: v for k, v in g.items() if k != "params"},
-                                                              "params": list(range(step.stages.total))}
+                                                              "params": list(range((step.stages or step.tensor).total))}
                                                              for g in step.optimizer.param_groups])}
         err, t0 = None, time.perf_counter()
         try:
@@ -294,6 +294,84 @@ def _stage_parts(step) -> dict:
                  for i, e in optim_state(opt)["state"].items()} if lead else {}
     state = {str(st.index[id(params[int(i)])]): e for i, e in local.items() if st.owned(params[int(i)])}
     return {"model": model, "optim": {"state": state}}
+
+
+def _pieces_of(shape: tuple, dim, start, a: np.ndarray) -> list:
+    """(flat offset, values) pieces of a slice `a` = full.narrow(dim, start, len) of a
+    tensor of `shape` (dim None: the whole tensor; dim 0: one contiguous piece; dim 1 of a
+    matrix: one piece per row)."""
+    if dim is None:
+        return [(0, a.reshape(-1))]
+    if dim == 0:
+        return [(start * int(np.prod(shape[1:], dtype=np.int64)), a.reshape(-1))]
+    return [(i * shape[1] + start, a[i].reshape(-1)) for i in range(shape[0])]
+
+
+def _narrow(a, shape: tuple, dim, start, stop) -> np.ndarray:
+    """full.narrow(dim, start, stop - start) of a checkpoint array (a Slab: dim 0 reads
+    only those rows)."""
+    if dim is None:
+        return np.asarray(a)
+    if dim == 0 and isinstance(a, checkpoint.Slab):
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        return a.read(start * row, stop * row).reshape(stop - start, *shape[1:])
+    return np.take(np.asarray(a), np.arange(start, stop), axis=dim)
+
+
+def _tensor_parts(step) -> dict:
+    """A tensor-parallel rank's part of the whole model's tree (its replica's first copy
+    only): each parameter's slice as checkpoint.Pieces of the unsplit tensor, its
+    optimizer state likewise; replicated parameters from tensor rank 0."""
+    ts, opt = step.tensor, step.optimizer
+    if ts.data.rank != 0:
+        return {"model": {}, "optim": {"state": {}}}
+    layout, named = ts.module.names(), list(ts.module.named_parameters())
+    local = {n: i for i, (n, _) in enumerate(named)}  # (the optimizer's order: model.parameters())
+    model, state = {}, {}
+    opt_state = optim_state(opt)["state"]
+    for name, p in named:
+        full, dim, start, stop = layout[name]
+        if dim is None and not ts.counts:
+            continue
+        shape = ts.shapes[full]
+        a = p.detach().cpu().numpy()
+        for alias in [full] + (["lm_head.weight"] if full == "wte.weight" and ts.module.tied else []):
+            model.setdefault(alias, checkpoint.Pieces(shape, a.dtype, [])).pieces.extend(_pieces_of(shape, dim, start, a))
+        for k, v in opt_state.get(str(local[name]), {}).items():
+            entry = state.setdefault(str(ts.index[name]), {})
+            if v.ndim:
+                entry.setdefault(k, checkpoint.Pieces(shape, v.dtype, [])).pieces.extend(_pieces_of(shape, dim, start, v))
+            else:
+                entry[k] = v
+    return {"model": model, "optim": {"state": state}}
+
+
+def _tensor_view(step, arrays: dict, optim: dict, what: str) -> dict:
+    """A tensor-parallel rank: load its slices of the whole model's tensors (`arrays`, by
+    name) and return the optim tree of its parameters' slices, in its optimizer's order."""
+    ts = step.tensor
+    groups = optim.get("param_groups", [])
+    groups = json.loads(groups) if isinstance(groups, str) else groups
+    n = sum(len(g.get("params", [])) for g in groups if isinstance(g, dict))
+    if groups and n != ts.total:
+        raise UserError(f"checkpoint from another model: its optimizer has {n} parameters, this job's whole model "
+                        f"{ts.total}")
+    layout, mine, state, named = ts.module.names(), {}, {}, list(ts.module.named_parameters())
+    given = optim.get("state", {})
+    for i, (name, p) in enumerate(named):
+        full, dim, start, stop = layout[name]
+        if full not in arrays or tuple(np.shape(arrays[full])) != ts.shapes[full]:
+            raise UserError(f"checkpoint from another model: its {full} is {tuple(np.shape(arrays.get(full, ())))}, "
+                            f"this job's {ts.shapes[full]} ({what})")
+        mine[name] = _narrow(arrays[full], ts.shapes[full], dim, start, stop)
+        entries = given.get(str(ts.index[name]), {})
+        state[str(i)] = {k: _narrow(v, ts.shapes[full], dim, start, stop) if len(np.shape(v)) else v
+                         for k, v in entries.items()}
+    by_id = {id(p): mine[name] for name, p in named}  # (a tied tensor is in the state_dict twice)
+    load_model(step.model, {k: by_id[id(t)] for k, t in step.model.state_dict(keep_vars=True).items()}, what)
+    return {"state": {k: v for k, v in state.items() if v},
+            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(named)))}
+                             for g in groups[:1]]}
 
 
 def _skeleton(tree: dict) -> dict:
@@ -428,6 +506,8 @@ def restore(step, tree: dict, *, model_id: str = "", schedule=None, log=None) ->
     optim, changed = own["optim"] if own else tree["optim"], {}
     if step.stages is not None:  # a pipeline stage: its tensors and state by their whole-model names
         optim = _stage_view(step, own["model"] if own else tree["model"], optim, theirs or "a model")
+    elif step.tensor is not None:  # a tensor-parallel rank: its slices of them
+        optim = _tensor_view(step, own["model"] if own else tree["model"], optim, theirs or "a model")
     else:
         load_model(step.model, own["model"] if own else tree["model"], theirs or "a model")
     if isinstance(step.strategy, Sharded):  # zero: this rank reads only its chunks of the state

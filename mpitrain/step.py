@@ -78,8 +78,9 @@ class Step:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy, precision, world, *,
                  clip_norm: float = 0.0, on_nonfinite: str = "stop", max_skipped: int = 10, lockstep: bool = True,
                  schedule=None,
-                 loss_fn=None, straggle=None, dog=None, log=None, stages=None):
+                 loss_fn=None, straggle=None, dog=None, log=None, stages=None, tensor=None):
         self.stages = stages  # parallel.stages.Stages: this rank's pipeline stage, or None
+        self.tensor = tensor  # parallel.stages.TensorSplit: this rank's tensor-parallel part, or None
         self.model, self.optimizer, self.strategy, self.precision, self.world = model, optimizer, strategy, precision, world
         self.clip_norm, self.on_nonfinite, self.max_skipped, self.lockstep = clip_norm, on_nonfinite, max_skipped, lockstep
         self.skipped_in_a_row = 0  # non-finite losses skipped since the last counted step
@@ -112,7 +113,10 @@ class Step:
         value = total.item()  # one device sync per step: the non-finite agreement needs the value
         if self.straggle is not None:
             self.straggle(t_compute)
-        return self.finish(value, n, stop)
+        out = self.finish(value, n, stop)
+        if self.tensor is not None and not self.tensor.counts:  # (the replica's loss, counted once)
+            return dataclasses.replace(out, loss=0.0, samples=0)
+        return out
 
     def _pipelined(self, batches, weight: float, stop, t_compute: float) -> Outcome:
         """The step of a pipeline stage: the schedule's forwards and backwards of the
@@ -137,6 +141,11 @@ class Step:
         """The squared gradient norm clipping and an fp16 overflow see: the strategy's over
         sharded chunks (zero), summed over a pipeline's stages; None: the optimizer's own."""
         sharded = self.strategy.grad_sq_norm if isinstance(self.strategy, Sharded) else None
+        if self.tensor is not None:  # split parameters: each rank's slices; replicated ones counted once
+            ts = self.tensor
+            return lambda: float(ts.tp.sum(np.array([sum(
+                float(p.grad.double().pow(2).sum()) for name, p in self.model.named_parameters()
+                if p.grad is not None and (ts.counts or not ts.replicated(name)))]))[0])
         if self.stages is None:
             return sharded
         pipe = self.stages.pipe

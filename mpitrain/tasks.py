@@ -148,14 +148,19 @@ def evaluate(model, loss_fn, metric, split, world, device, batch_size: int = 256
     also "confusion", the (true, predicted) counts over the whole split."""
     model.eval()
     lo, hi = (world if stages is None else stages.data).shard(split.total)
-    last = stages is None or stages.pipe.last
+    pipe = getattr(stages, "pipe", None)  # (a pipeline; else a tensor split, whose loss is collective)
+    last = stages is None or (pipe.last if pipe is not None else stages.counts)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, metric: read once at the end
     pairs = torch.zeros(classes * classes, dtype=torch.float64, device=device)
     for a in bar(range(lo, hi, batch_size), desc="evaluation", unit="batch", show=progress and world.is_root):
         x, y = to_device(split.take(np.arange(a, min(a + batch_size, hi))), device)
         heartbeat.tick()
-        out = model(x) if stages is None else stages.pipe.forward(x if stages.pipe.first else None)
-        if last:
+        out = model(x) if pipe is None else pipe.forward(x if pipe.first else None)
+        if stages is not None and pipe is None:  # tensor split (the gpt): every rank of it takes part
+            value = loss_fn(out, y).double()
+            if last:
+                sums += torch.stack([value, value])  # (its metric is the loss: test_ppl)
+        elif last:
             sums += torch.stack([loss_fn(out, y).double(), metric.batch(out, y).double()])
             if classes:
                 pairs += torch.bincount(y * classes + out.argmax(-1), minlength=classes * classes).double()

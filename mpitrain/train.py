@@ -21,7 +21,7 @@ from .errors import UserError
 from .faults import (Diverged, StopFlag, Stopped, Watchdog, collective_cleanup, inject_straggler, signal_name,
                      stop_flag, watchdog)
 from .metrics import MetricsLog, open_tensorboard, reset as reset_metrics
-from .parallel.stages import split_model
+from .parallel.stages import split_model, split_tensor
 from .models import build_model, build_optimizer, build_schedule, model_id
 from .precision import Precision
 from .progress import bar
@@ -100,7 +100,7 @@ def build(cfg: Config, world, log, resources) -> Job:
     if board is not None:
         resources.callback(board.close)
     metrics = MetricsLog(run_dir / "metrics.jsonl" if world.is_root else None, board)
-    train_split, test_split, meta = hdf5.load(cfg.data, world, replicate_test=cfg.parallel.pipeline_stages > 1)
+    train_split, test_split, meta = hdf5.load(cfg.data, world, replicate_test=cfg.parallel.pipeline_stages > 1 or cfg.parallel.tensor > 1)
     torch.manual_seed(cfg.train.seed)  # identical init everywhere; rank 0's is broadcast anyway
     model = world.agree(build_model, cfg.model, meta, cfg.job_dir).to(device)
     loss = world.agree(build_loss, cfg.train.loss, meta.task, cfg.job_dir)
@@ -114,6 +114,10 @@ def build(cfg: Config, world, log, resources) -> Job:
         resources.callback(stages.pipe.free)
         resources.callback(stages.data.free)
         model, dp = stages.module, stages.data
+    elif cfg.parallel.tensor > 1:  # this rank keeps its slices of the gpt; D replicas of the tensor group
+        stages = split_tensor(model, cfg.parallel, world)
+        resources.callback(stages.free)
+        model, dp, loss = stages.module, stages.data, stages.loss
     optimizer = world.agree(build_optimizer, cfg.optim, model.parameters(), dp.size)
     if cfg.data.assign == "dynamic":
         sampler = DynamicSampler(world, train_split.total, t.batch_size, t.seed)
@@ -136,7 +140,9 @@ def build(cfg: Config, world, log, resources) -> Job:
     straggle = (lambda t0: inject_straggler(world, t, t0)) if t.slowdown_rank >= 0 else None
     step = Step(model, optimizer, strategy, precision, world, clip_norm=cfg.optim.clip_norm,
                 on_nonfinite=t.on_nonfinite, max_skipped=t.max_skipped, lockstep=sampler.lockstep, schedule=schedule, loss_fn=loss,
-                straggle=straggle, dog=watchdog(), log=log, stages=stages)
+                straggle=straggle, dog=watchdog(), log=log,
+                stages=stages if cfg.parallel.pipeline_stages > 1 else None,
+                tensor=stages if cfg.parallel.tensor > 1 else None)
     return Job(cfg, world, log, device, threads, run_dir, train_split, test_split, model, loss, Metric(meta.task),
                optimizer, sampler, schedule, strategy, precision, step, metrics, meta)
 
@@ -248,7 +254,7 @@ def loop(job: Job, pos: state.Position, stop: StopFlag, dog: Watchdog) -> dict:
                 with state.consolidated(job.step), dog.phase("evaluation"), tracer.span("evaluation"):
                     average_buffers(model, getattr(strategy, "world", world))  # e.g. BatchNorm statistics
                     tested = evaluate(model, job.loss, job.metric, job.test_split, world, device,
-                                      stages=job.step.stages)
+                                      stages=job.step.stages or job.step.tensor)
             if tested and not math.isfinite(tested["test_loss"]):  # the same on every rank (a sum)
                 what = f"non-finite test loss after epoch {epoch + 1} (step {step})"
                 if cfg.train.on_nonfinite == "stop":
@@ -312,7 +318,11 @@ def progress_bar(job: Job, batches, epoch: int):
 def announce(job: Job) -> None:
     """Collective: rank 0 logs what runs where."""
     where = job.world.placement(job.threads)
-    st = job.step.stages
+    st, ts = job.step.stages, job.step.tensor
+    if ts is not None:
+        where += (f"; grid {ts.tp.size} tensor ranks x {ts.data.size} replicas (rank = replica x {ts.tp.size} + "
+                  f"tensor rank: a tensor group's ranks are consecutive), {sum(p.numel() for p in job.model.parameters()):,}"
+                  " params on each")
     if st is not None:  # the grid, and each stage's share of the model
         rows = job.world.gather((st.pipe.stage, st.replica, len(st.module), sum(p.numel() for p in st.module.parameters()
                                                                                 if st.owned(p))))
@@ -325,7 +335,8 @@ def announce(job: Job) -> None:
                                   for s, (b, n) in sorted(parts.items())))
     if job.world.is_root:
         c = job.cfg
-        n_params = st.total_params if st is not None else sum(p.numel() for p in job.model.parameters())
+        whole = st or job.step.tensor
+        n_params = whole.total_params if whole is not None else sum(p.numel() for p in job.model.parameters())
         job.log.info(f"{c.output.name}: {job.world.size} ranks x {job.threads} threads, {model_id(c.model)} "
                      f"({n_params:,} params), {c.sync.strategy}, {c.data.mode} data "
                      f"({job.train_split.total} train samples), {job.sampler.steps_per_epoch} steps/epoch")

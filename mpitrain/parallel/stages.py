@@ -103,3 +103,68 @@ def split_model(model: torch.nn.Module, cfg, world, sample: torch.Tensor, loss_f
     data.parent, data.direct_cuda = world, world.direct_cuda
     data_comm.Free()
     return Stages(pipe, data, data.rank, data.size, names, index, len(params), sum(p.numel() for p in params))
+
+
+@dataclass
+class TensorSplit:
+    """This rank's part of a tensor-parallel job (`[parallel] tensor = T`): `module` (its
+    slices of the built-in gpt), the World of its T tensor ranks (`tp`: consecutive ranks,
+    on one node where they fit) and of its D replicas (`data`); `index[name]` the
+    whole model's optimizer index of each parameter's unsplit tensor, `total` the whole
+    model's parameter count (tensors) and `total_params` (values)."""
+
+    module: torch.nn.Module
+    tp: object
+    data: object
+    index: dict
+    total: int
+    total_params: int
+    shapes: dict  # the unsplit tensors' shapes, by their names in the whole model
+
+    @property
+    def counts(self) -> bool:
+        """Whether this rank's loss and samples count (the T ranks of a replica share them)."""
+        return self.tp.rank == 0
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The job's language-model loss (tasks: summed over samples of the mean over each
+        sample's positions) from this rank's logits shard, the logits never gathered."""
+        from .tensor import vocab_parallel_cross_entropy
+
+        per_sample = y[0].numel() if len(y) else 1
+        return vocab_parallel_cross_entropy(out, y, self.tp, reduction="sum") / per_sample
+
+    def replicated(self, name: str) -> bool:
+        return self.module.names()[name][1] is None
+
+    def free(self) -> None:
+        self.tp.free()
+        self.data.free()
+
+
+def split_tensor(model: torch.nn.Module, cfg, world) -> TensorSplit:
+    """Collective: the built-in gpt `model` (built alike on every rank) split over
+    cfg.tensor consecutive ranks (heads, MLP width and vocabulary; tp_gpt), D = N / T
+    replicas of it; T must divide the heads and the vocabulary (one agreed line)."""
+    from ..comm import World
+    from .tp_gpt import TensorParallelGPT, check_tp_sizes
+
+    def settle():
+        if world.size % cfg.tensor:
+            raise UserError(f"parallel.tensor = {cfg.tensor} must divide the world size {world.size}")
+        if not hasattr(model, "wte") or not hasattr(model, "blocks"):
+            raise UserError(f"parallel.tensor = {cfg.tensor}: {type(model).__name__} has no tensor-parallel "
+                            "layers (the built-in gpt has: model.name = 'gpt')")
+        check_tp_sizes(model.wte.num_embeddings, model.blocks[0].attn.n_head, model.wte.embedding_dim, cfg.tensor)
+    world.agree(settle)
+    tp_comm, data_comm = p2p.grid(world.comm, cfg.tensor)
+    tp, data = World.create(tp_comm), World.create(data_comm)
+    for w in (tp, data):
+        w.parent, w.direct_cuda = world, world.direct_cuda
+    tp_comm.Free()
+    data_comm.Free()
+    full = [n for n, _ in model.named_parameters()]
+    module = TensorParallelGPT.from_gpt(model, tp=tp)
+    index = {name: full.index(whole) for name, (whole, *_) in module.names().items()}
+    return TensorSplit(module, tp, data, index, len(full), sum(p.numel() for p in model.parameters()),
+                       {k: tuple(v.shape) for k, v in model.state_dict().items()})
