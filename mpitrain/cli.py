@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     bmem.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     bmem.add_argument("--steps", type=int, default=3, help="steps per variant before counting")
     bmem.add_argument("--variants", default="", help="comma-separated list of allreduce, zero-1, zero-2 (the "
-                                                     "default), pipeline-2, pipeline-4")
+                                                     "default), pipeline-2, pipeline-4, tensor-2, tensor-4")
     bp = bs.add_parser("pipeline", help="a GPT in P pipeline stages x D replicas: ms/step, samples/s, bubble, "
                                         "micro-batches held, per layout, schedule and micro-batch count")
     bp.add_argument("--stages", default="1,2,4", help="P values (those dividing the world size are run)")

@@ -21,6 +21,7 @@ FRESH = r"""
 import json, sys
 import numpy as np, torch
 import mpitrain
+torch.set_num_threads(int(sys.argv[3]))  # (the parent's: the same kernels, the same rounding)
 model = mpitrain.load_model(sys.argv[1])
 x = torch.from_numpy(np.load(sys.argv[2]))
 print(json.dumps(model(x).detach().double().numpy().tolist()))
@@ -61,7 +62,8 @@ def _on_root(world, fn):
 def _fresh_outputs(model_file, x, tmp):
     np.save(tmp / "x.npy", x)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}  # not a rank
-    r = subprocess.run([sys.executable, "-c", FRESH, str(model_file), str(tmp / "x.npy")], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", FRESH, str(model_file), str(tmp / "x.npy"), str(torch.get_num_threads())],
+                       capture_output=True,
                        text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return np.array(json.loads(r.stdout))

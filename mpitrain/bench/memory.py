@@ -1,6 +1,6 @@
 """`mpitrain bench memory`: per rank, the bytes of parameters, gradients and optimizer state,
 and the peak RSS, of a job's model under allreduce, zero stage 1 and zero stage 2, and split into 2 or 4
-pipeline stages, each measured next to its formula.
+pipeline stages or tensor ranks, each measured next to its formula.
 
 Collective. For each variant in turn, in this one process: free what the last one held
 (gc, malloc_trim), reset the kernel's peak-RSS mark (/proc/self/clear_refs), build the job
@@ -35,7 +35,13 @@ VARIANTS = {"allreduce": ["sync.strategy=allreduce"],
             # the model split into P pipeline stages (allreduce over each stage's N/P replicas; every
             # replica reads train.batch_size samples per step, in 4 micro-batches)
             **{f"pipeline-{p}": ["sync.strategy=allreduce", f"parallel.pipeline_stages={p}", "parallel.micro_batches=4",
-                                 "data.mode=replicated", "train.accumulate=1"] for p in (2, 4)}}
+                                 "data.mode=replicated", "train.accumulate=1"] for p in (2, 4)},
+            # the gpt's layers split over T ranks (allreduce over the N/T replicas)
+            **{f"tensor-{t}": ["sync.strategy=allreduce", f"parallel.tensor={t}", "data.mode=replicated"]
+               for t in (2, 4)}}
+
+
+DEFAULT = ("allreduce", "zero-1", "zero-2")  # (model-parallel variants: on request, where the layout fits)
 
 
 def _status(key: str) -> int:
@@ -96,7 +102,8 @@ def _measure(args, world, log, name: str, tmp: str) -> dict[str, float]:
             step(group)
         held = _held(job)
         psi = sum(p.numel() for p in job.model.parameters())
-        whole = job.step.stages.total_params if job.step.stages is not None else psi
+        layout = job.step.stages or job.step.tensor
+        whole = layout.total_params if layout is not None else psi
         peak = _status("VmHWM") - start if reset else float("nan")
         del job, step
     out = {k: float(world.max(float(v))) for k, v in held.items()}
@@ -108,7 +115,7 @@ def _measure(args, world, log, name: str, tmp: str) -> dict[str, float]:
 
 def run(args, world, log) -> None:
     names = [n.strip() for n in args.variants.split(",") if n.strip()] if args.variants else \
-        [n for n in VARIANTS if not n.startswith("pipeline")]  # (pipelines: on request, where P divides N)
+        list(DEFAULT)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         from ..errors import UserError
@@ -137,6 +144,7 @@ def _report(got: dict, n: int) -> None:
                "zero-2": (4 * psi, 4 * psi / n, k * psi / n)}
     for p in (2, 4):  # stages of equal size: 1/P of everything (the largest stage's measured share: "stage")
         formula[f"pipeline-{p}"] = (4 * psi / p, 4 * psi / p, k * psi / p)
+        formula[f"tensor-{p}"] = (4 * psi / p, 4 * psi / p, k * psi / p)  # (+ the replicated LayerNorms, wpe)
     print(f"# {psi:,} parameters, {n} ranks, optimizer {k:.0f} bytes/parameter (measured under {name0}); "
           "MB per rank, the largest over ranks; formula in ()")
     print(f"{'variant':<10} {'params':>18} {'grads':>18} {'optimizer':>18} {'peak RSS':>9} {'optim vs allreduce':>19}")
@@ -144,7 +152,7 @@ def _report(got: dict, n: int) -> None:
     for name, g in got.items():
         f = formula[name]
         ratio = f"{g['optim'] / base:.3f}" if base else "-"
-        stage = f"  (largest stage: {g['psi'] / psi:.2f} of the model)" if name.startswith("pipeline") else ""
+        stage = f"  (largest part: {g['psi'] / psi:.2f} of the model)" if name.startswith(("pipeline", "tensor")) else ""
         print(f"{name:<10} " + " ".join(f"{f'{g[key] * mb:.3f} ({fv * mb:.3f})':>18}"
                                         for key, fv in zip(("params", "grads", "optim"), f))
               + f" {g['peak'] * mb:>9.1f} {ratio:>19}{stage}")

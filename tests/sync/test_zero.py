@@ -264,7 +264,7 @@ def test_bench_memory_prints_the_formulas(world, digits_h5, repo_root, capsys):
     out = capsys.readouterr().out
     rows = world.bcast({ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split()[:1] and
                         ln.split()[0] in memory.VARIANTS} if world.is_root else None)
-    assert set(rows) == set(memory.VARIANTS), rows
+    assert set(rows) == set(memory.DEFAULT), rows
     for name, cells in rows.items():  # "optim (formula)": measured within a bucket's rounding of it
         measured, formula = float(cells[5]), float(cells[6].strip("()"))
         assert formula > 0 and abs(measured - formula) <= 0.002 + 0.02 * formula, (name, cells)
