@@ -41,7 +41,6 @@ def _same_data(theirs: dict, meta, where: str) -> None:
 
 def run(args, world, log) -> None:
     from .data import hdf5
-    from .models import build_model  # noqa: F401 (the factories' registry, for export.build)
     from .tasks import Metric, build_loss, evaluate
 
     if args.png and Path(args.png).exists() and not args.force:

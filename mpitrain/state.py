@@ -202,8 +202,8 @@ def save(path: Path, step, pos: Position, meta: dict, log=None, keep: int = 0) -
         shared = _strategy_state(strategy)
         # pieces every rank writes its own of (no rank holds them all), in the unsharded layout:
         # a pipeline stage's tensors by their names in the whole model; zero's optimizer chunks
-        if step.stages is not None or step.tensor is not None:
-            mine = _stage_parts(step) if step.stages is not None else _tensor_parts(step)
+        if (layout := step.stages or step.tensor) is not None:  # model parallel: its own part, by whole names
+            mine = layout.parts(step)
             skeletons = world.gather(_skeleton(mine))
         elif isinstance(strategy, Sharded):
             mine, skeletons = {"optim": strategy.optim_state(step.optimizer)}, None
@@ -273,30 +273,7 @@ def _write_together(world, path: Path, tree: dict | None, head: dict | None, min
     step(lambda: checkpoint.seal(path, {i: d for part in digests for i, d in part.items()}) if world.is_root else None)
 
 
-def _stage_parts(step) -> dict:
-    """Collective (zero's optim_state): this pipeline stage's part of the whole model's
-    tree, as checkpoint.Pieces under the whole model's names and optimizer indices: its
-    tensors from its first replica (each replica has them all), the optimizer state from
-    every replica under zero (each its chunks), else from the first."""
-    st, opt = step.stages, step.optimizer
-    params, lead = [p for g in opt.param_groups for p in g["params"]], st.data.rank == 0
-    whole = lambda a: checkpoint.Pieces(a.shape, a.dtype, [(0, a.reshape(-1))])  # noqa: E731
-    model = {}
-    if lead:
-        names, sd = st.state_names(), step.model.state_dict()
-        for k, full in names.items():
-            for name in full:
-                model[name] = whole(sd[k].detach().cpu().numpy())
-    if isinstance(step.strategy, Sharded):
-        local, params = step.strategy.optim_state(opt)["state"], [p for g in step.strategy.groups for p in g]
-    else:
-        local = {i: {k: whole(a) if a.ndim else a for k, a in e.items()}
-                 for i, e in optim_state(opt)["state"].items()} if lead else {}
-    state = {str(st.index[id(params[int(i)])]): e for i, e in local.items() if st.owned(params[int(i)])}
-    return {"model": model, "optim": {"state": state}}
-
-
-def _pieces_of(shape: tuple, dim, start, a: np.ndarray) -> list:
+def pieces_of(shape: tuple, dim, start, a: np.ndarray) -> list:
     """(flat offset, values) pieces of a slice `a` = full.narrow(dim, start, len) of a
     tensor of `shape` (dim None: the whole tensor; dim 0: one contiguous piece; dim 1 of a
     matrix: one piece per row)."""
@@ -307,7 +284,7 @@ def _pieces_of(shape: tuple, dim, start, a: np.ndarray) -> list:
     return [(i * shape[1] + start, a[i].reshape(-1)) for i in range(shape[0])]
 
 
-def _narrow(a, shape: tuple, dim, start, stop) -> np.ndarray:
+def narrow(a, shape: tuple, dim, start, stop) -> np.ndarray:
     """full.narrow(dim, start, stop - start) of a checkpoint array (a Slab: dim 0 reads
     only those rows)."""
     if dim is None:
@@ -318,60 +295,21 @@ def _narrow(a, shape: tuple, dim, start, stop) -> np.ndarray:
     return np.take(np.asarray(a), np.arange(start, stop), axis=dim)
 
 
-def _tensor_parts(step) -> dict:
-    """A tensor-parallel rank's part of the whole model's tree (its replica's first copy
-    only): each parameter's slice as checkpoint.Pieces of the unsplit tensor, its
-    optimizer state likewise; replicated parameters from tensor rank 0."""
-    ts, opt = step.tensor, step.optimizer
-    if ts.data.rank != 0:
-        return {"model": {}, "optim": {"state": {}}}
-    layout, named = ts.module.names(), list(ts.module.named_parameters())
-    local = {n: i for i, (n, _) in enumerate(named)}  # (the optimizer's order: model.parameters())
-    model, state = {}, {}
-    opt_state = optim_state(opt)["state"]
-    for name, p in named:
-        full, dim, start, stop = layout[name]
-        if dim is None and not ts.counts:
-            continue
-        shape = ts.shapes[full]
-        a = p.detach().cpu().numpy()
-        for alias in [full] + (["lm_head.weight"] if full == "wte.weight" and ts.module.tied else []):
-            model.setdefault(alias, checkpoint.Pieces(shape, a.dtype, [])).pieces.extend(_pieces_of(shape, dim, start, a))
-        for k, v in opt_state.get(str(local[name]), {}).items():
-            entry = state.setdefault(str(ts.index[name]), {})
-            if v.ndim:
-                entry.setdefault(k, checkpoint.Pieces(shape, v.dtype, [])).pieces.extend(_pieces_of(shape, dim, start, v))
-            else:
-                entry[k] = v
-    return {"model": model, "optim": {"state": state}}
-
-
-def _tensor_view(step, arrays: dict, optim: dict, what: str) -> dict:
-    """A tensor-parallel rank: load its slices of the whole model's tensors (`arrays`, by
-    name) and return the optim tree of its parameters' slices, in its optimizer's order."""
-    ts = step.tensor
+def whole_groups(optim: dict, total: int) -> list:
+    """A checkpoint's optimizer param_groups, after checking they hold `total` parameters
+    (the whole model's, which a model-parallel rank holds a part of)."""
     groups = optim.get("param_groups", [])
     groups = json.loads(groups) if isinstance(groups, str) else groups
     n = sum(len(g.get("params", [])) for g in groups if isinstance(g, dict))
-    if groups and n != ts.total:
+    if groups and n != total:
         raise UserError(f"checkpoint from another model: its optimizer has {n} parameters, this job's whole model "
-                        f"{ts.total}")
-    layout, mine, state, named = ts.module.names(), {}, {}, list(ts.module.named_parameters())
-    given = optim.get("state", {})
-    for i, (name, p) in enumerate(named):
-        full, dim, start, stop = layout[name]
-        if full not in arrays or tuple(np.shape(arrays[full])) != ts.shapes[full]:
-            raise UserError(f"checkpoint from another model: its {full} is {tuple(np.shape(arrays.get(full, ())))}, "
-                            f"this job's {ts.shapes[full]} ({what})")
-        mine[name] = _narrow(arrays[full], ts.shapes[full], dim, start, stop)
-        entries = given.get(str(ts.index[name]), {})
-        state[str(i)] = {k: _narrow(v, ts.shapes[full], dim, start, stop) if len(np.shape(v)) else v
-                         for k, v in entries.items()}
-    by_id = {id(p): mine[name] for name, p in named}  # (a tied tensor is in the state_dict twice)
-    load_model(step.model, {k: by_id[id(t)] for k, t in step.model.state_dict(keep_vars=True).items()}, what)
-    return {"state": {k: v for k, v in state.items() if v},
-            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(named)))}
-                             for g in groups[:1]]}
+                        f"{total}")
+    return groups
+
+
+def local_groups(groups: list, n: int) -> list:
+    """The checkpoint's (first) parameter group's settings for an optimizer of n parameters."""
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(n))} for g in groups[:1]]
 
 
 def _skeleton(tree: dict) -> dict:
@@ -434,34 +372,6 @@ def _own_replica(tree: dict, world) -> dict | None:
     return ranks[str(world.rank)]["replica"]
 
 
-def _stage_view(step, arrays: dict, optim: dict, what: str) -> dict:
-    """A pipeline stage: load its tensors from the whole model's (`arrays`, by name; read
-    only those), and return the optim tree of its parameters only, in its optimizer's
-    order, after checking the checkpoint is of the whole model this job splits."""
-    st = step.stages
-    groups = optim.get("param_groups", [])
-    groups = json.loads(groups) if isinstance(groups, str) else groups
-    n = sum(len(g.get("params", [])) for g in groups if isinstance(g, dict))
-    if groups and n != st.total:
-        raise UserError(f"checkpoint from another model: its optimizer has {n} parameters, this job's whole model "
-                        f"{st.total}")
-    mine = {}
-    for k, names in st.state_names(owned=False).items():
-        a = next((arrays[n] for n in names if n in arrays), None)
-        if a is None:
-            raise UserError(f"checkpoint from another model: it holds no {names[0]} (this job builds {what})")
-        mine[k] = a
-    load_model(step.model, mine, what)
-    params = [p for g in step.optimizer.param_groups for p in g["params"]]
-    if isinstance(step.strategy, Sharded) and getattr(step.strategy, "ready", False):
-        params = [p for g in step.strategy.groups for p in g]
-    state = optim.get("state", {})
-    local = {str(i): state[str(st.index[id(p)])] for i, p in enumerate(params) if str(st.index[id(p)]) in state}
-    mine_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
-                   for g in (groups or [{}])[:1]] if groups else []
-    return {"state": local, "param_groups": mine_groups}
-
-
 def check_position(tree: dict, device, epochs: int | None = None, samples: int | None = None) -> None:
     """Step, epoch, sample position and random states must make sense for this job."""
     pos, problems = tree["position"], []
@@ -504,10 +414,8 @@ def restore(step, tree: dict, *, model_id: str = "", schedule=None, log=None) ->
                         f"builds {model_id!r} (model.factory / model.name)")
     own = _own_replica(tree, world)
     optim, changed = own["optim"] if own else tree["optim"], {}
-    if step.stages is not None:  # a pipeline stage: its tensors and state by their whole-model names
-        optim = _stage_view(step, own["model"] if own else tree["model"], optim, theirs or "a model")
-    elif step.tensor is not None:  # a tensor-parallel rank: its slices of them
-        optim = _tensor_view(step, own["model"] if own else tree["model"], optim, theirs or "a model")
+    if (layout := step.stages or step.tensor) is not None:  # model parallel: its part of the whole model
+        optim = layout.view(step, own["model"] if own else tree["model"], optim, theirs or "a model")
     else:
         load_model(step.model, own["model"] if own else tree["model"], theirs or "a model")
     if isinstance(step.strategy, Sharded):  # zero: this rank reads only its chunks of the state

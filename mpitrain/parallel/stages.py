@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .. import checkpoint, state
 from ..errors import UserError
+from ..sync.base import Sharded
 from .pipeline import Pipeline, check, measure, split, tie
 from ..comm import p2p
 
@@ -64,6 +67,48 @@ class Stages:
 
     def owned(self, p) -> bool:
         return self.pipe.owned(p)
+
+    def parts(self, step) -> dict:
+        """Collective (zero's optim_state): this stage's part of the whole model's
+        checkpoint tree, as checkpoint.Pieces under the whole model's names and optimizer
+        indices: its tensors from its first replica (each replica has them all), the
+        optimizer state from every replica under zero (each its chunks), else from the
+        first. (state.save)"""
+        opt = step.optimizer
+        params, lead = [p for g in opt.param_groups for p in g["params"]], self.data.rank == 0
+        whole = lambda a: checkpoint.Pieces(a.shape, a.dtype, [(0, a.reshape(-1))])  # noqa: E731
+        model = {}
+        if lead:
+            sd = step.model.state_dict()
+            for k, full in self.state_names().items():
+                for name in full:
+                    model[name] = whole(sd[k].detach().cpu().numpy())
+        if isinstance(step.strategy, Sharded):
+            local, params = step.strategy.optim_state(opt)["state"], [p for g in step.strategy.groups for p in g]
+        else:
+            local = {i: {k: whole(a) if a.ndim else a for k, a in e.items()}
+                     for i, e in state.optim_state(opt)["state"].items()} if lead else {}
+        mine = {str(self.index[id(params[int(i)])]): e for i, e in local.items() if self.owned(params[int(i)])}
+        return {"model": model, "optim": {"state": mine}}
+
+    def view(self, step, arrays: dict, optim: dict, what: str) -> dict:
+        """Load this stage's tensors from the whole model's (`arrays`, by name; only those
+        are read) and return the optim tree of its parameters, in its optimizer's order,
+        after checking the checkpoint is of the whole model this job splits. (state.restore)"""
+        groups = state.whole_groups(optim, self.total)
+        mine = {}
+        for k, names in self.state_names(owned=False).items():
+            a = next((arrays[n] for n in names if n in arrays), None)
+            if a is None:
+                raise UserError(f"checkpoint from another model: it holds no {names[0]} (this job builds {what})")
+            mine[k] = a
+        state.load_model(step.model, mine, what)
+        params = [p for g in step.optimizer.param_groups for p in g["params"]]
+        if isinstance(step.strategy, Sharded) and getattr(step.strategy, "ready", False):
+            params = [p for g in step.strategy.groups for p in g]
+        given = optim.get("state", {})
+        local = {str(i): given[str(self.index[id(p)])] for i, p in enumerate(params) if str(self.index[id(p)]) in given}
+        return {"state": local, "param_groups": state.local_groups(groups, len(params))}
 
     def state_names(self, owned: bool = True) -> dict[str, list[str]]:
         """This stage's state_dict names -> the whole model's names of that tensor (owned:
@@ -136,6 +181,52 @@ class TensorSplit:
 
     def replicated(self, name: str) -> bool:
         return self.module.names()[name][1] is None
+
+    def parts(self, step) -> dict:
+        """This rank's part of the whole model's checkpoint tree (its replica's first copy
+        only): each parameter's slice as checkpoint.Pieces of the unsplit tensor, its
+        optimizer state likewise; replicated parameters from tensor rank 0. (state.save)"""
+        if self.data.rank != 0:
+            return {"model": {}, "optim": {"state": {}}}
+        layout, named = self.module.names(), list(self.module.named_parameters())
+        local = {n: i for i, (n, _) in enumerate(named)}  # (the optimizer's order: model.parameters())
+        model, mine = {}, {}
+        opt_state = state.optim_state(step.optimizer)["state"]
+        for name, p in named:
+            full, dim, start, _ = layout[name]
+            if dim is None and not self.counts:
+                continue
+            shape, a = self.shapes[full], p.detach().cpu().numpy()
+            for alias in [full] + (["lm_head.weight"] if full == "wte.weight" and self.module.tied else []):
+                model.setdefault(alias, checkpoint.Pieces(shape, a.dtype, [])).pieces.extend(
+                    state.pieces_of(shape, dim, start, a))
+            for k, v in opt_state.get(str(local[name]), {}).items():
+                entry = mine.setdefault(str(self.index[name]), {})
+                if v.ndim:
+                    entry.setdefault(k, checkpoint.Pieces(shape, v.dtype, [])).pieces.extend(
+                        state.pieces_of(shape, dim, start, v))
+                else:
+                    entry[k] = v
+        return {"model": model, "optim": {"state": mine}}
+
+    def view(self, step, arrays: dict, optim: dict, what: str) -> dict:
+        """Load this rank's slices of the whole model's tensors (`arrays`, by name) and
+        return the optim tree of its parameters' slices, in its optimizer's order. (state.restore)"""
+        groups = state.whole_groups(optim, self.total)
+        layout, mine, local, named = self.module.names(), {}, {}, list(self.module.named_parameters())
+        given = optim.get("state", {})
+        for i, (name, p) in enumerate(named):
+            full, dim, start, stop = layout[name]
+            if full not in arrays or tuple(np.shape(arrays[full])) != self.shapes[full]:
+                raise UserError(f"checkpoint from another model: its {full} is "
+                                f"{tuple(np.shape(arrays.get(full, ())))}, this job's {self.shapes[full]} ({what})")
+            mine[name] = state.narrow(arrays[full], self.shapes[full], dim, start, stop)
+            local[str(i)] = {k: state.narrow(v, self.shapes[full], dim, start, stop) if len(np.shape(v)) else v
+                             for k, v in given.get(str(self.index[name]), {}).items()}
+        by_id = {id(p): mine[name] for name, p in named}  # (a tied tensor is in the state_dict twice)
+        state.load_model(step.model, {k: by_id[id(t)] for k, t in step.model.state_dict(keep_vars=True).items()},
+                         what)
+        return {"state": {k: v for k, v in local.items() if v}, "param_groups": state.local_groups(groups, len(named))}
 
     def free(self) -> None:
         self.tp.free()
