@@ -81,7 +81,10 @@ class World:
         total = os.cpu_count() or mine
         if mine < total:  # the launcher bound us: use what we were given
             return max(1, mine)
-        return max(1, total // self.local_size)
+        job = self
+        while job.parent is not None:  # (a sub-world's ranks share their node with the job's others)
+            job = job.parent
+        return max(1, total // job.local_size)
 
     def placement(self, threads: int) -> str:
         """Collective: one line saying where the ranks run, by node, e.g. "2 nodes: vn1 ranks

@@ -140,3 +140,13 @@ def test_placement_on_this_machine(world):
 
     assert line == (f"1 node: {socket.gethostname()} ranks {'0' if world.size == 1 else f'0-{world.size - 1}'}; "
                     "1 thread per rank")
+
+
+def test_a_sub_worlds_ranks_count_the_whole_jobs_ranks_per_node(world):
+    """A pipeline's or tensor group's replica World has one rank per node where the job
+    has several: its cores per rank are still the job's share of the node."""
+    sub = world.split(world.rank % 2)
+    try:
+        assert sub.cores_per_rank() == world.cores_per_rank()
+    finally:
+        sub.free()
