@@ -108,3 +108,31 @@ def test_bad_tensor_layouts_are_one_agreed_line(world, shared_tmp, tokens24, dig
                     **extra}
         with pytest.raises(UserError, match=words):
             make_cfg(shared_tmp / "bad", tokens24, **sections)
+
+
+@pytest.mark.timeout(240)
+def test_export_of_a_tensor_parallel_run_is_the_unsplit_model(world, shared_tmp, tokens24, make_cfg):
+    """`mpitrain export` of a T-split run: the plain gpt, each rank's trained slices of
+    which are exactly its split parameters (the job's communicators are freed when train
+    returns: compared slice by slice, no communication)."""
+    import torch
+
+    import mpitrain
+    from mpitrain import export
+
+    t = _tensor(world, "all")
+    run = shared_tmp / "tx"
+    _, model = train(_job(make_cfg, run, tokens24, world, t, 3), world, world.logger())
+    path = shared_tmp / "tx.safetensors"
+    if world.is_root:
+        export.export(str(run), str(path))
+    world.barrier()
+    whole = mpitrain.load_model(str(path)).state_dict()
+    bad = []
+    for name, p in model.named_parameters():
+        full, dim, start, stop = model.names()[name]
+        want = whole[full] if dim is None else whole[full].narrow(dim, start, stop - start)
+        if not torch.equal(want, p.detach().cpu()):
+            bad.append(name)
+    errs = [e for e in world.allgather(bad) if e]
+    assert not errs, errs
