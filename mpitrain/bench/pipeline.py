@@ -23,6 +23,7 @@ from ..models.gpt import GPT
 from ..parallel.pipeline import pipeline
 from ..train import configure_threads
 from .timing import header
+from ..progress import bar
 
 
 def _lm_loss(logits, y):
@@ -48,7 +49,7 @@ def run(args, world, log) -> None:
                                            loss_fn=_lm_loss, world=world)
     times: dict = {k: [] for k in pipes}
     busy: dict = {k: [] for k in pipes}
-    for r in range(args.repeats + 1):  # round 0 warms up
+    for r in bar(range(args.repeats + 1), desc="rounds", unit="round", show=world.is_root):  # round 0 warms up
         for key, pipe in pipes.items():
             world.barrier()
             t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 from ..comm import heartbeat
 from ..comm.world import library_version
 from ..train import configure_threads
+from ..progress import bar
 
 
 class Variant:
@@ -80,7 +81,7 @@ def time_rounds(variants, args, world, cores) -> dict:
     """Collective: per variant, each round's (ms/step, global samples/s); variants take
     turns within a round; warm-up steps before the first, one untimed step before later ones."""
     rounds = {id(v): [] for v in variants}
-    for r in range(args.repeats):
+    for r in bar(range(args.repeats), desc="rounds", unit="round", show=world.is_root):
         for v in variants:
             warm = args.warmup if r == 0 else 1
             if v.kind == "single":  # rank 0 alone on all the cores; the others sleep
