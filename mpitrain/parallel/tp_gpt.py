@@ -219,16 +219,11 @@ class Embed(nn.Module):
 
     def __init__(self, model: "TensorParallelGPT"):
         super().__init__()
-        self.block_size, self.wte, self.wpe, self.drop = model.block_size, model.wte, model.wpe, model.drop
-        self.streams = model.streams
+        self.wte, self.wpe, self.drop = model.wte, model.wpe, model.drop  # (registered: this stage's parameters)
+        self.__dict__["_model"] = model  # (not a submodule: the model's own embed() does the work)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        if t > self.block_size:
-            raise ValueError(f"sequence length {t} > block_size {self.block_size}")
-        x = self.wte(idx.long()) + self.wpe(torch.arange(t, device=idx.device))
-        with self.streams.use("replicated", x.device, self.training and self.drop.p > 0):
-            return self.drop(x)
+        return self._model.embed(idx, self.training)
 
 
 class Head(nn.Module):
@@ -410,13 +405,18 @@ class TensorParallelGPT(nn.Module):
 
     # -- running -------------------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, training: bool) -> torch.Tensor:
+        """Token (vocabulary-parallel) + position embeddings, dropout on the stream every
+        rank of tp shares -> (B, T, C), the same on every rank of tp."""
         t = idx.shape[1]
         if t > self.block_size:
             raise ValueError(f"sequence length {t} > block_size {self.block_size}")
         x = self.wte(idx.long()) + self.wpe(torch.arange(t, device=idx.device))
-        with self.streams.use("replicated", x.device, self.training and self.drop.p > 0):
-            x = self.drop(x)
+        with self.streams.use("replicated", x.device, training and self.drop.p > 0):
+            return F.dropout(x, self.drop.p, training) if self.drop.p > 0 else x
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx, self.training)
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
